@@ -1,0 +1,5 @@
+import sys
+
+from fmzoo.cli import main
+
+sys.exit(main())

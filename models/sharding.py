@@ -1,0 +1,59 @@
+"""Logical axis names -> mesh axes: one rules table shards every model in the zoo.
+
+Mesh axes: 'data' (batch), 'fsdp' (batch and parameter shards), 'tensor' (model parallel).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("hidden", "tensor"),
+    ("norm", None),
+)
+
+
+def logical_to_spec(axes: tuple[str | None, ...], rules=LOGICAL_AXIS_RULES) -> P:
+    """PartitionSpec for a tuple of logical names (unknown names stay unsharded)."""
+    table = dict(rules)
+    return P(*(table.get(a) if a is not None else None for a in axes))
+
+
+def _fits(shape, spec: P, mesh: Mesh) -> P:
+    """Drops a mesh axis from a dimension it does not divide (e.g. 1 kv head on tensor=2)."""
+    out = []
+    for size, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
+        names = tuple(n for n in names if n in mesh.shape)
+        n = 1
+        for name in names:
+            n *= mesh.shape[name]
+        out.append(names if names and size % n == 0 else None)
+    return P(*[(e[0] if len(e) == 1 else e) if e else None for e in out])
+
+
+def param_shardings(logical_axes: Any, shapes: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
+    """NamedShardings for a params pytree from its logical axes and shapes."""
+    def one(axes, shape):
+        return NamedSharding(mesh, _fits(shape.shape, logical_to_spec(axes, rules), mesh))
+    return jax.tree.map(one, logical_axes, shapes, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def logical_axes_of(boxed_params: Any) -> Any:
+    """Pytree of logical-axis tuples from params boxed by `nn.with_logical_partitioning`."""
+    return jax.tree.map(lambda p: tuple(p.names), boxed_params,
+                        is_leaf=lambda x: isinstance(x, nn.Partitioned))
