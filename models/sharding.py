@@ -57,3 +57,10 @@ def logical_axes_of(boxed_params: Any) -> Any:
     """Pytree of logical-axis tuples from params boxed by `nn.with_logical_partitioning`."""
     return jax.tree.map(lambda p: tuple(p.names), boxed_params,
                         is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def place_params(params: Any, config: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
+    """Puts a params pytree onto `mesh` following the config's logical axes."""
+    from .registry import logical_axes
+    shardings = param_shardings(logical_axes(config), params, mesh, rules)
+    return jax.device_put(params, shardings)
