@@ -90,7 +90,13 @@ def init(config: ModelConfig, rng: jax.Array | int = 0) -> Any:
     """Fresh params as a plain pytree of arrays."""
     if isinstance(rng, int):
         rng = jax.random.key(rng)
-    return nn.meta.unbox(init_boxed(config, rng))
+    params = nn.meta.unbox(init_boxed(config, rng))
+    if isinstance(config, RNNConfig):
+        # gated cells start with their keep gate open (forget/update bias 1), as is standard:
+        # with flax's zero bias a GRU/LSTM forgets as fast as a tanh RNN at init
+        from .rnn import open_keep_gates
+        params = open_keep_gates(params, config.cell)
+    return params
 
 
 def param_shapes(config: ModelConfig) -> Any:

@@ -23,6 +23,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("head_dim", None),
     ("mlp", "tensor"),
     ("hidden", "tensor"),
+    ("hidden_in", "fsdp"),
     ("norm", None),
 )
 
