@@ -1,0 +1,162 @@
+"""One loss, two step factories: `jax.jit` on a mesh (data / fsdp / tensor) and `jax.pmap`.
+
+Shape letters: N devices (pmap), M microbatches, B batch rows.
+
+Gradients are token-weighted everywhere: a microbatch or a device shard counts in proportion
+to the target tokens it holds, so k accumulated microbatches, n pmap shards and one big
+batch all give the same update (up to float rounding).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from .losses import LossFn
+from .mesh import BATCH_AXES
+from .state import TrainState
+
+StepFn = Callable[[TrainState, dict], tuple[TrainState, dict]]
+
+
+def _grads_one(loss_fn: LossFn, params, batch, rng):
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, rng)
+    return grads, metrics
+
+
+def accumulate_gradients(loss_fn: LossFn, params: Any, batch: dict, rng: jax.Array,
+                         accum_steps: int = 1, mesh: Mesh | None = None) -> tuple[Any, dict]:
+    """Token-mean gradients and metrics over `accum_steps` microbatches (a lax.scan)."""
+    if accum_steps == 1:
+        return _grads_one(loss_fn, params, batch, rng)
+
+    def split(x_B):
+        B = x_B.shape[0]
+        if B % accum_steps:
+            raise ValueError(f"batch of {B} rows does not split into {accum_steps} microbatches;"
+                             f" make the batch size a multiple of --accum")
+        # Row b goes to microbatch b % M, so each device's rows stay on that device.
+        x_MB = x_B.reshape(B // accum_steps, accum_steps, *x_B.shape[1:]).swapaxes(0, 1)
+        if mesh is not None:
+            spec = P(None, BATCH_AXES, *([None] * (x_B.ndim - 1)))
+            x_MB = jax.lax.with_sharding_constraint(x_MB, NamedSharding(mesh, spec))
+        return x_MB
+
+    micro = jax.tree.map(split, batch)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+
+    def body(carry, xs):
+        grad_sum, loss_sum, correct_sum, tokens = carry
+        i, mb = xs
+        g, m = _grads_one(loss_fn, params, mb, jax.random.fold_in(rng, i))
+        n = m["tokens"]
+        grad_sum = jax.tree.map(lambda a, b: a + n * b, grad_sum, g)
+        return (grad_sum, loss_sum + n * m["loss"], correct_sum + n * m["accuracy"],
+                tokens + n), None
+
+    init = (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros(()))
+    (grad_sum, loss_sum, correct_sum, tokens), _ = jax.lax.scan(
+        body, init, (jnp.arange(accum_steps), micro))
+    denom = jnp.maximum(tokens, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grad_sum)
+    return grads, {"loss": loss_sum / denom, "accuracy": correct_sum / denom, "tokens": tokens}
+
+
+def _key(state: TrainState) -> jax.Array:
+    return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+
+def _global_norm(tree) -> jax.Array:
+    norm = getattr(getattr(optax, "tree", None), "norm", None)  # optax >= 0.2.5
+    return norm(tree) if norm is not None else optax.global_norm(tree)
+
+
+def _apply(tx: optax.GradientTransformation, state: TrainState, grads, metrics) -> tuple:
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {**metrics, "grad_norm": _global_norm(grads)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mesh,
+                    state_shardings: TrainState, *, accum_steps: int = 1,
+                    donate: bool = True) -> StepFn:
+    """`step(state, batch) -> (state, metrics)` compiled with jit on `mesh`.
+
+    The state keeps the layout of `state_shardings` (params and optimiser state by the
+    logical-axis rules); the batch is split over ('data', 'fsdp') on its first axis; the
+    metrics come back replicated. The incoming state is donated.
+    """
+    def train_step(state: TrainState, batch: dict):
+        grads, metrics = accumulate_gradients(loss_fn, state.params, batch, _key(state),
+                                              accum_steps, mesh)
+        return _apply(tx, state, grads, metrics)
+
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(train_step, in_shardings=(state_shardings, NamedSharding(mesh, P(BATCH_AXES))),
+                   out_shardings=(state_shardings, replicated),
+                   donate_argnums=(0,) if donate else ())
+
+
+def make_eval_step(loss_fn: LossFn, mesh: Mesh, param_shardings: Any) -> Callable:
+    """`eval_step(params, batch) -> metrics` (no gradients, no dropout)."""
+    return jax.jit(lambda params, batch: loss_fn(params, batch, None)[1],
+                   in_shardings=(param_shardings, NamedSharding(mesh, P(BATCH_AXES))),
+                   out_shardings=NamedSharding(mesh, P()))
+
+
+# ----------------------------------------------------------------------------- pmap
+
+
+def replicate(tree: Any, devices: list | None = None, axis_name: str = "batch") -> Any:
+    """One copy per device, stacked on a new leading axis N and placed by pmap itself, so
+    the step's inputs already have the layout of its outputs (on jax >= 0.8 that layout
+    carries the axis name: give the step's, or the second step compiles again)."""
+    devices = list(jax.local_devices() if devices is None else devices)
+
+    def stack(x):
+        x = np.asarray(jax.device_get(x))
+        return np.broadcast_to(x[None], (len(devices),) + x.shape)
+    return jax.pmap(lambda t: t, axis_name=axis_name, devices=devices)(jax.tree.map(stack, tree))
+
+
+def unreplicate(tree: Any) -> Any:
+    """The first device's copy of a replicated tree."""
+    return jax.tree.map(lambda x: x[0], tree)
+
+
+def shard_batch(batch: dict, n_devices: int) -> dict:
+    """[B, ...] -> [N, B/N, ...] for pmap."""
+    def one(x):
+        x = np.asarray(x)
+        if x.shape[0] % n_devices:
+            raise ValueError(f"batch of {x.shape[0]} rows does not split over {n_devices} "
+                             f"devices; choose a batch size that is a multiple of {n_devices}")
+        return x.reshape(n_devices, x.shape[0] // n_devices, *x.shape[1:])
+    return {k: one(v) for k, v in batch.items()}
+
+
+def make_pmap_step(loss_fn: LossFn, tx: optax.GradientTransformation, *,
+                   accum_steps: int = 1, axis_name: str = "batch",
+                   devices: list | None = None, donate: bool = True) -> StepFn:
+    """The classic data-parallel step: replicated state, per-device batch shard [N, B/N, ...],
+    gradients averaged with `lax.pmean` (weighted by each device's target tokens)."""
+    def train_step(state: TrainState, batch: dict):
+        rng = jax.random.fold_in(_key(state), jax.lax.axis_index(axis_name))
+        grads, metrics = accumulate_gradients(loss_fn, state.params, batch, rng, accum_steps)
+        n = metrics["tokens"]
+        total = jax.lax.pmean(n, axis_name)
+        scale = n / jnp.maximum(total, 1e-9)  # this device's share of the tokens, times N
+        grads = jax.lax.pmean(jax.tree.map(lambda g: g * scale, grads), axis_name)
+        metrics = {"loss": jax.lax.pmean(metrics["loss"] * scale, axis_name),
+                   "accuracy": jax.lax.pmean(metrics["accuracy"] * scale, axis_name),
+                   "tokens": jax.lax.psum(n, axis_name)}
+        return _apply(tx, state, grads, metrics)
+
+    return jax.pmap(train_step, axis_name=axis_name, devices=devices,
+                    donate_argnums=(0,) if donate else ())
