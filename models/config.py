@@ -37,6 +37,12 @@ class _Base:
     """Shared plumbing: dtype validation, JSON round trip, replace."""
 
     family: ClassVar[str] = ""
+    # fields every family has (dataclass inheritance puts them first in the field order)
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    pad_id: int = 256  # byte-tokenizer ids; checkpoints with their own vocabulary override them
+    bos_id: int = 257
+    eos_id: int = 258
 
     def __post_init__(self):
         for field in ("dtype", "param_dtype"):
@@ -118,12 +124,7 @@ class LMConfig(_Base):
     # Llama-3 style rope scaling: (factor, low_freq_factor, high_freq_factor, original_max_len)
     rope_scaling: tuple[float, float, float, int] | None = None
     dropout: float = 0.0
-    dtype: str = "float32"
-    param_dtype: str = "float32"
     attention_impl: str = "auto"
-    pad_id: int = 256
-    bos_id: int = 257
-    eos_id: int = 258
 
     def __post_init__(self):
         if self.n_kv_heads == 0:
@@ -168,12 +169,7 @@ class EncDecConfig(_Base):
     share_embeddings: bool = True  # source, target and output projection share one matrix
     norm_eps: float = 1e-6
     dropout: float = 0.0
-    dtype: str = "float32"
-    param_dtype: str = "float32"
     attention_impl: str = "auto"
-    pad_id: int = 256
-    bos_id: int = 257
-    eos_id: int = 258
 
     def validate(self):
         _check_heads(self.d_model, self.n_heads, self.n_heads, None)
@@ -212,11 +208,6 @@ class RNNConfig(_Base):
     max_len: int = 256
     d_embed: int = 64
     d_hidden: int = 128
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    pad_id: int = 256
-    bos_id: int = 257
-    eos_id: int = 258
 
     def validate(self):
         _require(self.cell in ("rnn", "gru", "lstm"), f"cell must be 'rnn', 'gru' or 'lstm', got {self.cell!r}")
