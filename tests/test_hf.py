@@ -12,13 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch  # the test extra installs torch and transformers: a missing one must fail, not skip
+import transformers as tr
 
-torch = pytest.importorskip("torch")
-tr = pytest.importorskip("transformers")
-
-from fmzoo.models import build, get_config, init  # noqa: E402
-from fmzoo.models.bundle import Loaded  # noqa: E402
-from fmzoo.models.hf import CheckpointError, from_hf, to_hf  # noqa: E402
+from fmzoo.models import build, get_config, init
+from fmzoo.models.bundle import Loaded
+from fmzoo.models.hf import CheckpointError, from_hf, to_hf
 
 V = 96  # vocab of every tiny model
 BOS, EOS = 1, 2
