@@ -5,6 +5,8 @@ Mesh axes: 'data' (batch), 'fsdp' (batch and parameter shards), 'tensor' (model 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Any
 
 import flax.linen as nn
@@ -26,6 +28,51 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("hidden_in", "fsdp"),
     ("norm", None),
 )
+
+
+# The residual stream [B, T, E]: batch split like the data, width whole on every device
+# ('act_embed' has no rule, so it stays unsharded; 'embed' would use fsdp twice).
+ACTIVATION_AXES_BTE = ("batch", "length", "act_embed")
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("fmzoo_sharding", default=None)
+
+
+def constrain_activations(x_BTE):
+    """Pins the residual stream's layout by name. A no-op unless a step is traced under
+    `sharding_context(mesh)`: generation and single-device code are untouched."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x_BTE
+    mesh, rules = active
+    spec = _fits(x_BTE.shape, logical_to_spec(ACTIVATION_AXES_BTE, rules), mesh)
+    return jax.lax.with_sharding_constraint(x_BTE, NamedSharding(mesh, spec))
+
+
+@contextlib.contextmanager
+def sharding_context(mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+    """The mesh and rules that `constrain_activations` reads while a step is traced.
+
+    Our own context variable rather than `jax.set_mesh` + flax's rules context: under those,
+    flax re-checks DenseGeneral kernels at their flattened init shape against their 3-d
+    logical names and fails. The context is read while tracing and is not part of jit's
+    cache key: jit a function that is always called inside it (as the train steps do)."""
+    token = _ACTIVE.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def without_axis(shardings: Any, axis: str) -> Any:
+    """The same NamedShardings with one mesh axis dropped (FSDP: the layout a weight is
+    all-gathered to for compute; its gradient is reduce-scattered back by the transpose)."""
+    def drop(entry):
+        names = entry if isinstance(entry, tuple) else (entry,)
+        kept = tuple(n for n in names if n is not None and n != axis)
+        return None if not kept else (kept[0] if len(kept) == 1 else kept)
+
+    def one(sh):
+        return NamedSharding(sh.mesh, P(*(drop(e) for e in sh.spec)))
+    return jax.tree.map(one, shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
 
 
 def logical_to_spec(axes: tuple[str | None, ...], rules=LOGICAL_AXIS_RULES) -> P:

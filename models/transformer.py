@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from .attention import MultiHeadAttention, combine_masks, padding_mask, segment_mask
 from .config import EncDecConfig, LMConfig
+from .sharding import constrain_activations
 from .layers import MLP, default_positions, dense, embed, embed_scale, norm, sinusoidal_positions
 
 Array = jax.Array
@@ -154,13 +155,14 @@ class DecoderLM(nn.Module):
         x_BTE = self.embed(tokens_BT)
         if c.flavor != "llama":
             x_BTE = x_BTE + self.pos_embed(positions_BT)
-        x_BTE = self.drop(x_BTE, deterministic=deterministic)
+        x_BTE = constrain_activations(self.drop(x_BTE, deterministic=deterministic))
         new_layers = []
         for i, layer in enumerate(self.layers):
             x_BTE, lc = layer(x_BTE, mask=mask, positions_BT=positions_BT, is_causal=is_causal,
                               cache=None if cache is None else cache["layers"][i],
                               cache_index=None if cache is None else cache["lengths"],
                               deterministic=deterministic)
+            x_BTE = constrain_activations(x_BTE)
             new_layers.append(lc)
         h_BTE = self.final_norm(x_BTE)
         logits_BTV = self.logits(h_BTE)
@@ -204,7 +206,7 @@ class EncoderDecoder(nn.Module):
         c = self.config
         x = table(tokens) * embed_scale(c.d_model)
         x = x + sinusoidal_positions(positions, c.d_model).astype(x.dtype)
-        return self.drop(x, deterministic=deterministic)
+        return constrain_activations(self.drop(x, deterministic=deterministic))
 
     def encode(self, src_BS: Array, src_mask_BS: Array | None = None, deterministic: bool = True):
         """Memory [B, S, E]; padded source positions are masked out of every attention."""
@@ -213,6 +215,7 @@ class EncoderDecoder(nn.Module):
         mask = None if src_mask_BS is None else padding_mask(src_mask_BS)
         for layer in self.encoder:
             x, _ = layer(x, mask=mask, deterministic=deterministic)
+            x = constrain_activations(x)
         return self.encoder_norm(x) if self.config.pre_ln else x
 
     def cross_kv(self, memory_BSE: Array):
@@ -240,6 +243,7 @@ class EncoderDecoder(nn.Module):
                           cache=None if cache is None else cache["layers"][i],
                           cache_index=None if cache is None else cache["lengths"],
                           cross_kv=cross[i], cross_mask=cross_mask, deterministic=deterministic)
+            x = constrain_activations(x)
             new_layers.append(lc)
         if c.pre_ln:
             x = self.decoder_norm(x)

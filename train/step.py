@@ -17,6 +17,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fmzoo.models.sharding import sharding_context, without_axis
+
 from .losses import LossFn
 from .mesh import BATCH_AXES
 from .state import TrainState
@@ -92,22 +94,45 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mes
     logical-axis rules); the batch is split over ('data', 'fsdp') on its first axis; the
     metrics come back replicated. The incoming state is donated.
     """
+    gathered_loss = _fsdp_gathered(loss_fn, state_shardings.params)
+
     def train_step(state: TrainState, batch: dict):
-        grads, metrics = accumulate_gradients(loss_fn, state.params, batch, _key(state),
+        grads, metrics = accumulate_gradients(gathered_loss, state.params, batch, _key(state),
                                               accum_steps, mesh)
         return _apply(tx, state, grads, metrics)
 
     replicated = NamedSharding(mesh, P())
-    return jax.jit(train_step, in_shardings=(state_shardings, NamedSharding(mesh, P(BATCH_AXES))),
+    step = jax.jit(train_step, in_shardings=(state_shardings, NamedSharding(mesh, P(BATCH_AXES))),
                    out_shardings=(state_shardings, replicated),
                    donate_argnums=(0,) if donate else ())
+    return _in_mesh(step, mesh)
+
+
+def _fsdp_gathered(loss_fn: LossFn, param_shardings: Any) -> LossFn:
+    """FSDP: params are stored split over 'fsdp' but computed with whole (all-gathered) along
+    it, while the batch is split over it; the transpose reduce-scatters the gradients."""
+    compute = without_axis(param_shardings, "fsdp")
+
+    def loss(params, batch, rng):
+        return loss_fn(jax.lax.with_sharding_constraint(params, compute), batch, rng)
+    return loss
+
+
+def _in_mesh(fn: Callable, mesh: Mesh) -> Callable:
+    """Calls (and so traces) `fn` with the mesh and rules in context, so that the models'
+    activation constraints take effect inside the step."""
+    def call(*args):
+        with sharding_context(mesh):
+            return fn(*args)
+    return call
 
 
 def make_eval_step(loss_fn: LossFn, mesh: Mesh, param_shardings: Any) -> Callable:
     """`eval_step(params, batch) -> metrics` (no gradients, no dropout)."""
-    return jax.jit(lambda params, batch: loss_fn(params, batch, None)[1],
-                   in_shardings=(param_shardings, NamedSharding(mesh, P(BATCH_AXES))),
-                   out_shardings=NamedSharding(mesh, P()))
+    gathered_loss = _fsdp_gathered(loss_fn, param_shardings)
+    return _in_mesh(jax.jit(lambda params, batch: gathered_loss(params, batch, None)[1],
+                            in_shardings=(param_shardings, NamedSharding(mesh, P(BATCH_AXES))),
+                            out_shardings=NamedSharding(mesh, P())), mesh)
 
 
 # ----------------------------------------------------------------------------- pmap
