@@ -22,6 +22,10 @@ TINY = {
                                            share_embeddings=False), 0.2),
     "rnn": ("rnn-seq2seq", dict(d_embed=16, d_hidden=32, max_len=64), 0.0),
     "rnn-attn": ("rnn-seq2seq-attn", dict(d_embed=16, d_hidden=32, max_len=64), 0.0),
+    # the other cells and the dot (Luong, input-feeding) attention carry different states
+    "lstm-luong": ("rnn-seq2seq-attn", dict(cell="lstm", attention="luong", d_embed=16,
+                                            d_hidden=32, max_len=64), 0.0),
+    "tanh-vanilla": ("rnn-seq2seq", dict(cell="rnn", d_embed=16, d_hidden=32, max_len=64), 0.0),
 }
 PROMPTS = [[5, 17, 42], [7, 1, 99, 3, 12, 250, 8, 8, 60], [200, 30, 31, 44, 9]]
 
