@@ -118,4 +118,6 @@ def run(args) -> int:
     print(f"done: step {summary.get('step')} loss {summary.get('loss', float('nan')):.4f}"
           + (f" eval loss {summary['eval_loss']:.4f}" if "eval_loss" in summary else "")
           + f"; checkpoints and metrics in {cfg.workdir}")
+    if summary.get("plot"):
+        print(f"loss curve: {summary['plot']}")
     return 0

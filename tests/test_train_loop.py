@@ -57,6 +57,8 @@ def test_run_writes_metrics_checkpoints_and_run_file(runs):
     run = json.load(open(full / "fmzoo_run.json"))
     assert run["model_config"]["d_model"] == 32 and run["settings"]["steps"] == 6
     assert sorted(Checkpointer(str(full)).manager.all_steps()) == [3, 6]
+    png = (full / "loss.png").read_bytes()  # the loss curve, drawn at the end of the run
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
 def test_killed_and_resumed_run_matches_uninterrupted_bit_for_bit(runs):

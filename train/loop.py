@@ -23,7 +23,7 @@ from fmzoo.models.config import ConfigError, LMConfig
 from . import checkpoint as ckpt_lib
 from .losses import data_kind, make_loss
 from .mesh import check_batch_size, make_mesh, put_batch
-from .metrics import MetricsWriter, truncate_metrics
+from .metrics import MetricsWriter, plot_metrics, truncate_metrics
 from .optim import lr_schedule, make_optimizer
 from .state import sharded_init, state_shapes, state_shardings
 from .step import (make_eval_step, make_pmap_step, make_train_step, replicate, shard_batch,
@@ -362,4 +362,6 @@ def _run(p: Prepared) -> dict:
         bar.close()
         writer.close()
     summary["tokens_seen"] = tokens_seen
+    if jax.process_index() == 0:
+        summary["plot"] = plot_metrics(cfg.workdir)
     return summary

@@ -69,3 +69,35 @@ class MetricsWriter:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def plot_metrics(workdir: str, out_name: str = "loss.png") -> str | None:
+    """DIR/loss.png: train loss per step and eval loss at each evaluation, from metrics.jsonl.
+    Returns the path, or None when matplotlib cannot be imported or nothing was logged."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only; never opens a window
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = read_metrics(workdir)
+    train = [(r["step"], r["loss"]) for r in rows if isinstance(r.get("loss"), (int, float))]
+    evals = [(r["step"], r["eval_loss"]) for r in rows
+             if isinstance(r.get("eval_loss"), (int, float))]
+    if not train and not evals:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross entropy (nats / token)")
+    ax.set_title(os.path.basename(os.path.normpath(workdir)))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path = os.path.join(workdir, out_name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
