@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .beam import beam_search
+from .cache import repeat_batch
 from .engine import Engine, make_engine, source_vocab
 from .sampling import next_token
 
@@ -194,6 +195,23 @@ def _prefill(engine, params, carry, prompt_BT, mask_BT, key, settings, *, do_sam
     return next_token(key, logits_BV, settings, do_sample), logits_BV, carry
 
 
+@functools.partial(jax.jit, static_argnames=("engine", "do_sample", "num_beams"),
+                   donate_argnames=("carry",))
+def _prefill_rows(engine, params, carry, prompt_BT, mask_BT, key, settings, *, do_sample,
+                  num_beams):
+    """Prefill; with beams (rows = prompts x beams, each prompt's beams adjacent) it runs on
+    one row per prompt and copies the result to the prompt's other beams."""
+    if num_beams == 1:
+        return _prefill(engine, params, carry, prompt_BT, mask_BT, key, settings,
+                        do_sample=do_sample)
+    first = lambda x: x[::num_beams]  # noqa: E731
+    tok_P, logits_PV, carry_P = _prefill(engine, params, jax.tree.map(first, carry),
+                                         first(prompt_BT), first(mask_BT), key, settings,
+                                         do_sample=do_sample)
+    return (jnp.repeat(tok_P, num_beams, 0), jnp.repeat(logits_PV, num_beams, 0),
+            repeat_batch(carry_P, num_beams))
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def _alloc(engine, rows, slots, width):
     return engine.alloc(rows, slots, width)  # one dispatch instead of one per buffer
@@ -244,8 +262,9 @@ def _generate_fused(engine, params, carry, prompt_BT, mask_BT, live_B, key, sett
 
     The final cache is returned (and dropped by the caller) so that the donated input cache
     aliases it: XLA then updates the cache in place instead of allocating a second one."""
-    first_B, logits_BV, carry = _prefill(engine, params, carry, prompt_BT, mask_BT,
-                                         _step_key(key, 0), settings, do_sample=do_sample)
+    first_B, logits_BV, carry = _prefill_rows(engine, params, carry, prompt_BT, mask_BT,
+                                              _step_key(key, 0), settings, do_sample=do_sample,
+                                              num_beams=num_beams)
     if num_beams > 1:
         out_BN, _, carry = _beam_loop(engine, params, carry, logits_BV, max_new, eos_id,
                                       length_penalty, num_beams=num_beams, n_out=n_out)
@@ -256,7 +275,7 @@ def _generate_fused(engine, params, carry, prompt_BT, mask_BT, live_B, key, sett
 
 def compiled_count() -> int:
     """How many shape buckets the compiled programs hold (tests watch this for recompiles)."""
-    fns = (_alloc, _prefill, _decode_loop, _beam_loop, _step, _generate_fused)
+    fns = (_alloc, _prefill, _prefill_rows, _decode_loop, _beam_loop, _step, _generate_fused)
     return sum(getattr(f, "_cache_size", lambda: 0)() for f in fns)  # private jax API
 
 
@@ -308,7 +327,7 @@ def generate(model, params, prompts, *, max_new_tokens: int, temperature: float 
     toks, mask = _pack(seqs, rows // num_beams, width)
     live = np.zeros(rows // num_beams, bool)
     live[:len(seqs)] = True
-    if num_beams > 1:  # every beam of a prompt starts from the same prefill row
+    if num_beams > 1:  # prompts x beams rows; the prefill runs once per prompt (_prefill_rows)
         toks, mask = np.repeat(toks, num_beams, 0), np.repeat(mask, num_beams, 0)
     key = _key(rng)
     do_sample = temperature > 0
@@ -327,9 +346,9 @@ def generate(model, params, prompts, *, max_new_tokens: int, temperature: float 
         return [_cut(out[b], max_new_tokens, eos_id) for b in range(len(seqs))]
 
     # with stats, prefill and decode run as two programs so that each can be timed
-    first_B, logits_BV, carry = _prefill(engine, params, carry, jnp.asarray(toks),
-                                         jnp.asarray(mask), _step_key(key, 0), settings,
-                                         do_sample=do_sample)
+    first_B, logits_BV, carry = _prefill_rows(engine, params, carry, jnp.asarray(toks),
+                                              jnp.asarray(mask), _step_key(key, 0), settings,
+                                              do_sample=do_sample, num_beams=num_beams)
     jax.block_until_ready(first_B)
     t1 = time.perf_counter()
     if num_beams > 1:
