@@ -13,29 +13,17 @@ import sys
 COMMANDS = {
     "models": "fmzoo.cli_models",
     "forward": "fmzoo.cli_models",
-}
-OPTIONAL_COMMANDS = {  # added by later packages; listed only once their module exists
     "generate": "fmzoo.cli_generate",
     "train": "fmzoo.cli_train",
 }
-
-
-def _modules():
-    mods = {}
-    for name, modname in {**COMMANDS, **OPTIONAL_COMMANDS}.items():
-        try:
-            mods[name] = importlib.import_module(modname)
-        except ModuleNotFoundError as e:
-            if name in COMMANDS or e.name != modname:
-                raise
-    return mods
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fmzoo", description="A JAX/Flax model zoo: RNN seq2seq to post-trained transformer LMs.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, mod in _modules().items():
+    for name, modname in COMMANDS.items():
+        mod = importlib.import_module(modname)
         p = sub.add_parser(name, help=mod.HELP[name] if isinstance(mod.HELP, dict) else mod.HELP,
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         add = getattr(mod, f"add_{name}_arguments", None) or mod.add_arguments

@@ -10,7 +10,7 @@ def test_help_lists_commands(capsys):
         main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert "models" in out and "forward" in out
+    assert all(c in out for c in ("models", "forward", "generate", "train"))
 
 
 def test_models_table(capsys):
