@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import re
@@ -78,7 +79,10 @@ def time_steps(step, state, batch, warmup: int, steps: int) -> tuple[float, obje
     return (time.perf_counter() - t) / steps, state
 
 
-def jax_lm_step_time(config, batch_size: int, seq_len: int, warmup=2, steps=10) -> float:
+def jax_lm_step_time(config, batch_size: int, seq_len: int, warmup=2, steps=10,
+                     packed: bool = True) -> float:
+    """Seconds per AdamW step. packed=False feeds plain causal rows (no segment ids, no
+    positions), the case fused causal kernels take without a materialised mask."""
     import jax
     from fmzoo.models.registry import build
     from fmzoo.train import make_loss, make_mesh, make_optimizer, make_train_step, put_batch
@@ -89,11 +93,13 @@ def jax_lm_step_time(config, batch_size: int, seq_len: int, warmup=2, steps=10) 
     step = make_train_step(make_loss(build(config), config), tx, mesh, shardings)
     rs = np.random.RandomState(0)
     toks = rs.randint(0, min(config.vocab_size, 256), (batch_size, seq_len + 1)).astype(np.int32)
-    batch = put_batch({"inputs": toks[:, :-1], "targets": toks[:, 1:],
-                       "loss_mask": np.ones((batch_size, seq_len), np.float32),
-                       "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32),
-                                                    (batch_size, seq_len)),
-                       "segment_ids": np.ones((batch_size, seq_len), np.int32)}, mesh)
+    batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:],
+             "loss_mask": np.ones((batch_size, seq_len), np.float32)}
+    if packed:
+        batch.update(positions=np.broadcast_to(np.arange(seq_len, dtype=np.int32),
+                                               (batch_size, seq_len)),
+                     segment_ids=np.ones((batch_size, seq_len), np.int32))
+    batch = put_batch(batch, mesh)
     return time_steps(step, state, batch, warmup, steps)[0]
 
 
@@ -220,15 +226,21 @@ def run_cpu(args) -> str:
 def run_gpu(args) -> str:
     import jax
     from fmzoo.models import get_config
-    if jax.default_backend() != "gpu":
+    if jax.default_backend() != "gpu" and not os.environ.get("FMZOO_BENCH_DRY"):
         raise SystemExit(f"--device gpu but jax's backend is {jax.default_backend()!r}")
-    config = get_config(args.preset, dtype=args.dtype, attention_impl=args.attention,
-                        max_len=max(args.seq_len, get_config(args.preset).max_len))
+    over = dict(dtype=args.dtype, attention_impl=args.attention,
+                max_len=max(args.seq_len, get_config(args.preset).max_len))
+    if args.remat != "none":
+        over["remat"] = args.remat
+    if args.layers:
+        over["n_layers"] = args.layers
+    config = get_config(args.preset, **over)
     fpt = flops_per_token(config.replace(max_len=args.seq_len))
     rows, best = [], None
-    for B in ([args.batch_size] if args.batch_size else [64, 48, 32, 24, 16, 8]):
+    for B in ([args.batch_size] if args.batch_size else args.batch_sizes):
         try:
-            dt = jax_lm_step_time(config, B, args.seq_len, warmup=3, steps=args.steps)
+            dt = jax_lm_step_time(config, B, args.seq_len, warmup=3, steps=args.steps,
+                                  packed=args.packed)
         except Exception as e:  # XlaRuntimeError RESOURCE_EXHAUSTED: try a smaller batch
             if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
                 raise
@@ -238,12 +250,21 @@ def run_gpu(args) -> str:
         best = [B, f"{dt * 1e3:.1f}", f"{tps:,.0f}", f"{100 * tps * fpt / H100_BF16_PEAK:.1f}%"]
         rows.append(best)
         print(best, flush=True)
+        if args.json:
+            print(json.dumps({"bench": "train", "device": jax.devices()[0].device_kind,
+                              "preset": args.preset, "dtype": args.dtype, "remat": args.remat,
+                              "packed": args.packed, "attention": args.attention,
+                              "seq_len": args.seq_len, "batch": B, "step_ms": dt * 1e3,
+                              "tokens_per_s": tps, "mfu": tps * fpt / H100_BF16_PEAK}),
+                  flush=True)
         break
     if best is None:
         raise SystemExit("no batch size fitted")
     dev = jax.devices()[0].device_kind
-    return (f"GPU: {dev}; {args.preset}, compute {args.dtype}, params fp32, attention "
-            f"{args.attention}, sequence {args.seq_len}; MFU against {H100_BF16_PEAK / 1e12:.0f} "
+    return (f"GPU: {dev}; {args.preset}{f' ({args.layers} layers)' if args.layers else ''}, "
+            f"compute {args.dtype}, params fp32, attention {args.attention}, remat "
+            f"{args.remat}, {'packed rows (segment mask)' if args.packed else 'plain causal rows'}"
+            f", sequence {args.seq_len}; MFU against {H100_BF16_PEAK / 1e12:.0f} "
             f"TFLOP/s ({fpt / 1e6:.0f} MFLOP/token):\n\n"
             + table(["batch", "step ms", "tokens/s", "MFU"], rows) + "\n")
 
@@ -257,6 +278,15 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=None,
                    help="CPU default 16; GPU default: the largest of 64..8 that fits")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 48, 32, 24, 16, 8],
+                   help="GPU: tried in order until one fits")
+    p.add_argument("--remat", default="none", choices=["none", "full", "dots"],
+                   help="activation checkpointing per block (model config field remat)")
+    p.add_argument("--layers", type=int, default=None, help="override n_layers (GPU)")
+    p.add_argument("--packed", action=argparse.BooleanOptionalAction, default=True,
+                   help="feed segment ids + positions (a packed batch) or plain causal rows")
+    p.add_argument("--json", action="store_true", help="also print one JSON object per "
+                   "measurement")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--seq2seq-lengths", type=int, nargs="*", default=[16, 32, 64, 128])
     p.add_argument("--seq2seq-batch", type=int, default=16)
