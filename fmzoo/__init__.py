@@ -1,8 +1,28 @@
-"""fmzoo: a JAX/Flax model zoo from RNN seq2seq to post-trained transformer LMs."""
+"""fmzoo: a JAX/Flax model zoo from RNN seq2seq to post-trained transformer LMs.
 
-from fmzoo.api import load
-from fmzoo.models import build, count_params, get_config, init, list_models
-from fmzoo.models.bundle import Loaded
+Names load on first use, so that `fmzoo --help` (which imports this package) never
+imports jax.
+"""
 
 __version__ = "0.1.0"
-__all__ = ["Loaded", "load", "build", "count_params", "get_config", "init", "list_models", "__version__"]
+
+_LAZY = {
+    "load": "fmzoo.api", "Loaded": "fmzoo.models.bundle",
+    "build": "fmzoo.models", "count_params": "fmzoo.models", "get_config": "fmzoo.models",
+    "init": "fmzoo.models", "list_models": "fmzoo.models",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))
+
+
+__all__ = ["Loaded", "load", "build", "count_params", "get_config", "init", "list_models",
+           "__version__"]

@@ -1,13 +1,16 @@
 """The `fmzoo` command line: one sub-command per module in fmzoo/ (cli_*.py).
 
 Each command module exposes HELP, add_arguments(parser) and run(args) -> int; heavy imports
-happen inside run() so that `fmzoo --help` stays instant.
+happen inside run() so that `fmzoo --help` stays instant (no jax). A user error (a bad
+value, a missing or corrupt file) ends the command with one line, "error: ...", and exit
+status 2; FMZOO_DEBUG=1 shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -15,7 +18,22 @@ COMMANDS = {
     "forward": "fmzoo.cli_models",
     "generate": "fmzoo.cli_generate",
     "train": "fmzoo.cli_train",
+    "eval": "fmzoo.cli_eval",
+    "export": "fmzoo.cli_export",
 }
+
+
+class Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's line breaks; appends an option's default once, and only when it
+    says something (not None / False, not already in the help text)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        quiet = action.default is None or action.default is False or \
+            action.default == argparse.SUPPRESS
+        if "default" not in text and not quiet and action.option_strings and action.nargs != 0:
+            text += " (default: %(default)s)"
+        return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (ValueError, OSError) as e:  # ConfigError, CheckpointError, ... are ValueErrors
+        if os.environ.get("FMZOO_DEBUG"):
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -12,21 +12,30 @@ import sys
 HELP = "generate text from a model (preset, training workdir or HF dir), streamed"
 
 
+EPILOG = """examples:
+  fmzoo generate --model gpt-tiny --prompt "def " --max-new-tokens 32 --temperature 0.8
+  fmzoo generate --model runs/gpt-tiny --prompt "def " --dtype bfloat16 --top-p 0.95
+  fmzoo generate --model runs/rev --prompt "abcdef" --beams 4        (seq2seq: the source)"""
+
+
 def add_arguments(p):
+    from fmzoo.cli import Formatter
+    p.epilog, p.formatter_class = EPILOG, Formatter
     p.add_argument("--model", required=True,
                    help="preset name (random weights), training workdir, or HF checkpoint dir")
     p.add_argument("--prompt", required=True,
                    help="text to continue (for seq2seq models: the source sentence)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64,
+                   help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = no top-k cut")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = no nucleus cut")
     p.add_argument("--beams", type=int, default=1, help="beam search width (1 = no beams)")
     p.add_argument("--length-penalty", type=float, default=1.0,
                    help="beam score = log-prob / new_tokens ** length_penalty")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="parameter dtype (default: float32)")
+                   help="compute and parameter dtype (default: the model's own)")
     p.add_argument("--no-eos", action="store_true",
                    help="do not stop at the end-of-sequence token")
 
@@ -58,13 +67,9 @@ class _Printer:
 def run(args) -> int:
     import fmzoo
     from fmzoo.infer import GenerateStats, generate, make_engine, stream
-    from fmzoo.models.config import ConfigError
+    from fmzoo.infer.generate import validate
 
-    try:
-        model, params, config, tokenizer = fmzoo.load(args.model, dtype=args.dtype)
-    except (ConfigError, OSError, ValueError) as e:
-        print(f"error: cannot load {args.model!r}: {e}", file=sys.stderr)
-        return 2
+    model, params, config, tokenizer = fmzoo.load(args.model, dtype=args.dtype)
     if tokenizer is None:
         print(f"error: {args.model!r} has no tokenizer; save one next to the checkpoint "
               "(tokenizer.json, tokenizer.model or fmzoo_tokenizer.json)", file=sys.stderr)
@@ -75,6 +80,10 @@ def run(args) -> int:
     eos_id = None if args.no_eos else tokenizer.eos_id
     opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                 top_k=args.top_k, top_p=args.top_p, eos_id=eos_id, rng=args.seed)
+    # every flag is checked as the API checks it (same messages), before any compilation
+    validate(config, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+             top_k=args.top_k, top_p=args.top_p, eos_id=eos_id, num_beams=args.beams,
+             length_penalty=args.length_penalty, seq2seq=seq2seq)
     printer = _Printer(tokenizer, sys.stdout)
     try:
         if args.beams > 1:

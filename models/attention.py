@@ -156,6 +156,35 @@ def write_cache(cache_BLKD: Array, new_BTKD: Array, index_B: Array) -> Array:
 # ------------------------------------------------------------------------ module
 
 
+class HeadsDense(nn.Module):
+    """`nn.DenseGeneral` whose kernel and bias are created at their true multi-dim shape.
+
+    DenseGeneral initialises a flattened 2-d kernel and reshapes it afterwards, so under
+    `nn.logical_axis_rules` + a mesh flax applies the 3-d logical names to a 2-d array and
+    fails. Same parameter names and shapes as DenseGeneral: checkpoints are unchanged.
+    `n_in` trailing input dims (e.g. heads, head_dim) are contracted with the kernel's first.
+    """
+
+    features: tuple[int, ...]
+    kernel_axes: tuple[str, ...]
+    n_in: int = 1
+    use_bias: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        n_out = len(self.features)
+        kernel = self.param("kernel", param_with_axes(INIT, self.kernel_axes),
+                            tuple(x.shape[-self.n_in:]) + tuple(self.features), self.param_dtype)
+        bias = (self.param("bias", param_with_axes(nn.initializers.zeros, self.kernel_axes[-n_out:]),
+                           tuple(self.features), self.param_dtype) if self.use_bias else None)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
+        y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
+        return y if bias is None else y + bias
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention with grouped-query heads, optional RoPE and an explicit KV cache.
 
@@ -181,20 +210,16 @@ class MultiHeadAttention(nn.Module):
     impl: str = "auto"
 
     def setup(self):
-        def proj(n, axes):
-            return nn.DenseGeneral(
-                (n, self.head_dim), use_bias=self.use_bias, dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                kernel_init=param_with_axes(INIT, ("embed", axes, "head_dim")),
-                bias_init=param_with_axes(nn.initializers.zeros, (axes, "head_dim")))
+        common = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+
+        def proj(n, axes):  # [B, T, E] -> [B, T, n, D]
+            return HeadsDense((n, self.head_dim), ("embed", axes, "head_dim"), **common)
         self.query = proj(self.n_heads, "heads")
         self.key = proj(self.n_kv_heads, "kv_heads")
         self.value = proj(self.n_kv_heads, "kv_heads")
-        self.out = nn.DenseGeneral(
-            self.out_features, axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=param_with_axes(INIT, ("heads", "head_dim", "embed")),
-            bias_init=param_with_axes(nn.initializers.zeros, ("embed",)))
+        # [B, T, H, D] -> [B, T, E]
+        self.out = HeadsDense((self.out_features,), ("heads", "head_dim", "embed"), n_in=2,
+                              **common)
 
     def _rope(self, x_BTHD, positions_BT):
         inv = rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from typing import Any, ClassVar
 
 import jax.numpy as jnp
+import numpy as np
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ATTENTION_IMPLS = ("auto", "reference", "xla", "cudnn")
+REMAT_POLICIES = ("none", "full", "dots")  # activation checkpointing per transformer block
 
 
 class ConfigError(ValueError):
@@ -45,12 +48,13 @@ class _Base:
     eos_id: int = 258
 
     def __post_init__(self):
+        _check_types(self)
         for field in ("dtype", "param_dtype"):
             if hasattr(self, field):
                 resolve_dtype(getattr(self, field))
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if f.type in ("int",) and isinstance(v, int) and v < 0:
+            if _annotation(f).startswith("int") and isinstance(v, int) and v < 0:
                 raise ConfigError(f"{f.name} must be >= 0, got {v}")
         self.validate()
 
@@ -81,6 +85,73 @@ class _Base:
     @property
     def params_dtype(self):
         return resolve_dtype(self.param_dtype)
+
+
+def _annotation(f: dataclasses.Field) -> str:
+    """A field's annotation as written ('int | None'), postponed (a string) or not."""
+    return f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+
+
+def _check_types(config) -> None:
+    """Each field holds its annotated kind: ints (not bools: True is an int in Python, and
+    not strings such as "128" from a hand-written JSON), floats, bools, strings. numpy
+    scalars are turned into Python ones, so the config stays hashable and JSON-able."""
+    for f in dataclasses.fields(config):
+        annotation = _annotation(f)
+        v, kind = getattr(config, f.name), annotation.split("|")[0].strip()
+        if v is None:
+            if annotation.endswith("| None"):
+                continue
+            ok = False
+        elif kind == "int":
+            ok = isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+            v = int(v) if ok else v
+        elif kind == "float":
+            ok = isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+            v = float(v) if ok else v
+        elif kind == "bool":
+            ok = isinstance(v, (bool, np.bool_))
+            v = bool(v) if ok else v
+        elif kind == "str":
+            ok = isinstance(v, str)
+        else:
+            continue
+        if not ok:
+            what = {"int": "an integer", "float": "a number", "bool": "true or false",
+                    "str": "a string"}[kind]
+            hint = ""
+            if isinstance(v, str) and kind in ("int", "float"):
+                hint = f"; write the number without quotes ({f.name}={v.strip()})"
+            elif isinstance(v, bool):
+                hint = "; a boolean is not a size"
+            raise ConfigError(f"{type(config).__name__}.{f.name} must be {what}, got {v!r} "
+                              f"({type(v).__name__}){hint}")
+        object.__setattr__(config, f.name, v)
+
+
+def _check_positive(config, *names: str) -> None:
+    for name in names:
+        v = getattr(config, name)
+        _require(v > 0, f"{name} must be positive, got {v}")
+
+
+def _check_common(config, id_vocab: dict[str, tuple[str, ...]]) -> None:
+    """Ranges every transformer/RNN family shares; `id_vocab` maps each special-token id to
+    the vocabulary fields it must index."""
+    for name, vocabs in id_vocab.items():
+        v = getattr(config, name)
+        for vocab in vocabs:
+            size = getattr(config, vocab)
+            _require(0 <= v < size,
+                     f"{name}={v} is outside the vocabulary ({vocab}={size}); set {name} "
+                     f"to an id below {size} (e.g. {name}={min(size - 1, 2)})")
+    if hasattr(config, "dropout"):
+        _require(0.0 <= config.dropout < 1.0,
+                 f"dropout must be in [0, 1), got {config.dropout}; e.g. dropout=0.1")
+    if hasattr(config, "norm_eps"):
+        _require(config.norm_eps >= 0,
+                 f"norm_eps must be >= 0 (it keeps the normalisation's division away from 0), "
+                 f"got {config.norm_eps}; e.g. norm_eps=1e-5")
 
 
 def _check_heads(d_model: int, n_heads: int, n_kv_heads: int, head_dim: int | None) -> None:
@@ -125,6 +196,7 @@ class LMConfig(_Base):
     rope_scaling: tuple[float, float, float, int] | None = None
     dropout: float = 0.0
     attention_impl: str = "auto"
+    remat: str = "none"  # 'none' | 'full' (recompute each block) | 'dots' (keep matmul outputs)
 
     def __post_init__(self):
         if self.n_kv_heads == 0:
@@ -138,8 +210,14 @@ class LMConfig(_Base):
         _check_heads(self.d_model, self.n_heads, self.n_kv_heads, self.head_dim)
         _require(self.attention_impl in ATTENTION_IMPLS,
                  f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
-        _require(self.vocab_size > 0 and self.max_len > 0 and self.n_layers > 0,
-                 "vocab_size, max_len and n_layers must be positive")
+        _require(self.remat in REMAT_POLICIES,
+                 f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        _check_positive(self, "vocab_size", "max_len", "d_model", "n_layers", "d_ff")
+        _require(self.head_dim is None or self.head_dim > 0,
+                 f"head_dim must be positive, or None for d_model // n_heads; got {self.head_dim}")
+        _require(self.rope_theta > 0, f"rope_theta must be positive (the rotary base), got "
+                                      f"{self.rope_theta}; e.g. rope_theta=10000.0")
+        _check_common(self, {k: ("vocab_size",) for k in ("pad_id", "bos_id", "eos_id")})
         _require(self.dim_per_head % 2 == 0 or self.flavor != "llama",
                  f"rotary embeddings need an even head_dim, got {self.dim_per_head}")
 
@@ -150,6 +228,11 @@ class LMConfig(_Base):
     @property
     def use_rope(self) -> bool:
         return self.flavor == "llama"
+
+
+# padding fills sources and targets; bos and eos are target tokens
+_SEQ2SEQ_IDS = {"pad_id": ("src_vocab_size", "tgt_vocab_size"), "bos_id": ("tgt_vocab_size",),
+                "eos_id": ("tgt_vocab_size",)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,14 +253,20 @@ class EncDecConfig(_Base):
     norm_eps: float = 1e-6
     dropout: float = 0.0
     attention_impl: str = "auto"
+    remat: str = "none"  # 'none' | 'full' | 'dots'
 
     def validate(self):
+        _check_positive(self, "src_vocab_size", "tgt_vocab_size", "max_len", "d_model",
+                        "n_encoder_layers", "n_decoder_layers", "d_ff")
         _check_heads(self.d_model, self.n_heads, self.n_heads, None)
         _require(self.attention_impl in ATTENTION_IMPLS,
                  f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        _require(self.remat in REMAT_POLICIES,
+                 f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         _require(not self.share_embeddings or self.src_vocab_size == self.tgt_vocab_size,
                  "share_embeddings needs src_vocab_size == tgt_vocab_size; "
                  "set share_embeddings=False or make the vocabularies equal")
+        _check_common(self, _SEQ2SEQ_IDS)
 
     @property
     def vocab_size(self) -> int:
@@ -210,6 +299,9 @@ class RNNConfig(_Base):
     d_hidden: int = 128
 
     def validate(self):
+        _check_positive(self, "src_vocab_size", "tgt_vocab_size", "max_len", "d_embed",
+                        "d_hidden")
+        _check_common(self, _SEQ2SEQ_IDS)
         _require(self.cell in ("rnn", "gru", "lstm"), f"cell must be 'rnn', 'gru' or 'lstm', got {self.cell!r}")
         _require(self.attention in (None, "bahdanau", "luong"),
                  f"attention must be None, 'bahdanau' or 'luong', got {self.attention!r}")

@@ -34,8 +34,31 @@ _CONVERT = ("convert it once with transformers: `AutoModelForCausalLM.from_pretr
 
 
 def _read_json(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
+    """A JSON object from `path`; anything else is refused naming the file."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); the file is corrupt or "
+                              "truncated: download or save it again") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(obj).__name__}, not an object; "
+                              "it should map config keys to values (download it again)")
+    return obj
+
+
+# config.json sizes that must be integers (None allowed where transformers allows it)
+_INT_KEYS = ("vocab_size", "n_embd", "n_layer", "n_head", "n_positions", "n_inner",
+             "hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
+             "num_key_value_heads", "max_position_embeddings", "head_dim")
+
+
+def _check_config_types(hf: dict, path: str) -> None:
+    for key in _INT_KEYS:
+        value = hf.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise CheckpointError(f"{path}: {key} must be an integer, got {value!r} (a "
+                                  f"{type(value).__name__}); fix that value in config.json")
 
 
 def _weight_files(directory: str) -> list[str]:
@@ -43,7 +66,11 @@ def _weight_files(directory: str) -> list[str]:
     if os.path.exists(os.path.join(directory, WEIGHTS)):
         return [os.path.join(directory, WEIGHTS)]
     if os.path.exists(os.path.join(directory, INDEX)):
-        files = sorted(set(_read_json(os.path.join(directory, INDEX))["weight_map"].values()))
+        weight_map = _read_json(os.path.join(directory, INDEX)).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{os.path.join(directory, INDEX)} has no 'weight_map' object; "
+                                  "the file is corrupt: download it again")
+        files = sorted(set(map(str, weight_map.values())))
         missing = [f for f in files if not os.path.exists(os.path.join(directory, f))]
         if missing:
             raise CheckpointError(f"{directory}: {INDEX} lists shard(s) that are not there: "
@@ -64,18 +91,31 @@ class _Checkpoint:
     def __init__(self, files: list[str], stack: contextlib.ExitStack):
         from safetensors import safe_open
         self.where: dict[str, Any] = {}
+        self.file: dict[str, str] = {}
         for path in files:
-            handle = stack.enter_context(safe_open(path, framework="numpy"))
-            for name in handle.keys():
-                self.where[name] = handle
+            try:
+                handle = stack.enter_context(safe_open(path, framework="numpy"))
+                names = list(handle.keys())
+            except Exception as e:  # safetensors raises its own SafetensorError and others
+                raise CheckpointError(_unreadable(path, e)) from None
+            for name in names:
+                self.where[name], self.file[name] = handle, path
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.where[name].get_slice(name).get_shape())
 
     def read(self, name: str, index: tuple[slice, ...] | None) -> np.ndarray:
-        if index is None:
-            return self.where[name].get_tensor(name)
-        return self.where[name].get_slice(name)[index]
+        try:
+            if index is None:
+                return self.where[name].get_tensor(name)
+            return self.where[name].get_slice(name)[index]
+        except Exception as e:
+            raise CheckpointError(_unreadable(self.file[name], e)) from None
+
+
+def _unreadable(path: str, error: Exception) -> str:
+    return (f"{path} is not a readable safetensors file ({type(error).__name__}: "
+            f"{str(error)[:200]}); it is corrupt or truncated: download it again")
 
 
 def _canonical_names(ckpt: _Checkpoint, arch, config: LMConfig) -> dict[str, str]:
@@ -153,12 +193,14 @@ def _token_ids(directory: str, hf: dict) -> dict:
 
 
 def from_hf(directory: str, dtype: str = "float32", mesh=None,
-            compute_dtype: str | None = None) -> Loaded:
+            compute_dtype: str | None = None, overrides: dict | None = None) -> Loaded:
     """Loads a Hugging Face GPT2LMHeadModel / LlamaForCausalLM directory (safetensors only).
 
     `dtype` is the param dtype ('float32', 'bfloat16', 'float16'); `compute_dtype` the
-    activation dtype (default float32). With `mesh`, each tensor goes straight onto the mesh
-    with the zoo's sharding rules; the full model is never assembled on one device.
+    activation dtype (default float32; `fmzoo.load` sets both to its `dtype`). `overrides`
+    replace config fields that keep the parameter shapes (attention_impl, dropout, ...).
+    With `mesh`, each tensor goes straight onto the mesh with the zoo's sharding rules; the
+    full model is never assembled on one device.
     """
     from tqdm.auto import tqdm
 
@@ -174,10 +216,21 @@ def from_hf(directory: str, dtype: str = "float32", mesh=None,
     np_dtype = resolve_dtype(dtype)
     hf = _read_json(cfg_path)
     arch = architecture_of(hf, cfg_path)
+    _check_config_types(hf, cfg_path)
     files = _weight_files(directory)
     ids = _token_ids(directory, hf)
-    config = arch.config_from_hf({**hf, **ids}).replace(
-        param_dtype=dtype, dtype=compute_dtype or "float32")
+    try:
+        config = arch.config_from_hf({**hf, **ids})
+    except KeyError as e:
+        raise CheckpointError(f"{cfg_path}: missing key {e.args[0]!r}, which {arch.name} "
+                              "needs; the file is incomplete: download or save it again") from None
+    config = config.replace(param_dtype=dtype, dtype=compute_dtype or "float32")
+    if overrides:
+        from .workdir import apply_overrides
+        config = apply_overrides(config, None, overrides)
+    # the tokenizer first: a corrupt one fails before any tensor is read
+    tokenizer = load_tokenizer(directory, bos_id=config.bos_id, eos_id=config.eos_id,
+                               pad_id=config.pad_id)
     rules = arch.rules(config)
     zoo_shapes = _flat_shapes(config)
     _check_rules(rules, zoo_shapes)
@@ -192,8 +245,6 @@ def from_hf(directory: str, dtype: str = "float32", mesh=None,
             piece = ckpt.read(names[rule.hf], rule.piece_index)
             host = rule.to_zoo(piece, zoo_shapes[rule.zoo]).astype(np_dtype)
             _set(params, rule.zoo, _place(host, shardings.get(rule.zoo)))
-    tokenizer = load_tokenizer(directory, bos_id=config.bos_id, eos_id=config.eos_id,
-                               pad_id=config.pad_id)
     return Loaded(build(config), params, config, tokenizer, source=directory)
 
 

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from .config import ConfigError, EncDecConfig, LMConfig, ModelConfig, RNNConfig
-from .sharding import logical_axes_of
+from .sharding import LOGICAL_AXIS_RULES, boxed_shardings
 
 _LLAMA3_ROPE = (32.0, 1.0, 4.0, 8192)
 
@@ -99,14 +99,32 @@ def init(config: ModelConfig, rng: jax.Array | int = 0) -> Any:
     return params
 
 
+def boxed_shapes(config: ModelConfig) -> Any:
+    """Abstract params still boxed in `nn.Partitioned`: shapes plus logical axis names."""
+    return jax.eval_shape(functools.partial(init_boxed, config), jax.random.key(0))
+
+
 def param_shapes(config: ModelConfig) -> Any:
     """ShapeDtypeStructs of the params; nothing is allocated."""
-    return nn.meta.unbox(jax.eval_shape(functools.partial(init_boxed, config), jax.random.key(0)))
+    return nn.meta.unbox(boxed_shapes(config))
 
 
 def logical_axes(config: ModelConfig) -> Any:
-    """Pytree (same structure as the params) of logical-axis-name tuples."""
-    return logical_axes_of(jax.eval_shape(functools.partial(init_boxed, config), jax.random.key(0)))
+    """Pytree (same structure as the params) of logical PartitionSpecs, e.g.
+    P('embed', 'heads', 'head_dim'), read by flax's `nn.get_partition_spec`."""
+    return nn.get_partition_spec(boxed_shapes(config))
+
+
+def param_shardings_for(config: ModelConfig, mesh: jax.sharding.Mesh,
+                        rules=LOGICAL_AXIS_RULES) -> Any:
+    """NamedShardings of the config's params on `mesh` under the rules."""
+    return boxed_shardings(boxed_shapes(config), mesh, rules)
+
+
+def place_params(params: Any, config: ModelConfig, mesh: jax.sharding.Mesh,
+                 rules=LOGICAL_AXIS_RULES) -> Any:
+    """Puts a params pytree onto `mesh` following the config's logical axes."""
+    return jax.device_put(params, param_shardings_for(config, mesh, rules))
 
 
 def count_params(config: ModelConfig) -> int:

@@ -58,6 +58,10 @@ class ByteTokenizer:
             json.dump({"kind": "byte", "special": self.special, "vocab_size": self.vocab_size}, f)
 
 
+class TokenizerError(ValueError):
+    """A tokenizer file that cannot be read."""
+
+
 class HFTokenizer:
     """A Hugging Face `tokenizer.json` through the `tokenizers` library."""
 
@@ -67,7 +71,11 @@ class HFTokenizer:
                  pad_id: int | None = None):
         from tokenizers import Tokenizer
         self.path = path
-        self.tok = Tokenizer.from_file(path)
+        try:
+            self.tok = Tokenizer.from_file(path)
+        except Exception as e:  # the tokenizers library raises a bare Exception
+            raise TokenizerError(f"{path} is not a readable tokenizer ({str(e)[:200]}); the "
+                                 "file is corrupt or truncated: download or save it again") from None
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         self.bos_id, self.eos_id = bos_id, eos_id
         self.pad_id = pad_id if pad_id is not None else eos_id
@@ -98,7 +106,11 @@ class SentencePieceTokenizer:
     def __init__(self, path: str):
         import sentencepiece as spm
         self.path = path
-        self.sp = spm.SentencePieceProcessor(model_file=path)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=path)
+        except Exception as e:  # sentencepiece raises RuntimeError/OSError for a bad file
+            raise TokenizerError(f"{path} is not a readable SentencePiece model "
+                                 f"({str(e)[:200]}); download or save it again") from None
         self.vocab_size = self.sp.get_piece_size()
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
@@ -124,8 +136,14 @@ def load_tokenizer(directory: str, *, bos_id: int | None = None, eos_id: int | N
     meta_path = os.path.join(directory, BYTE_TOKENIZER_FILE)
     meta = {}
     if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+            if not isinstance(meta, dict):
+                raise ValueError(f"a JSON {type(meta).__name__}, not an object")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise TokenizerError(f"{meta_path} is not valid ({e}); save the tokenizer "
+                                 "again (tokenizer.save(directory))") from None
         if meta.get("kind") == "byte":
             return ByteTokenizer()
     ids = {k: v if v is not None else meta.get(k) for k, v in

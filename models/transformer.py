@@ -69,7 +69,9 @@ class Block(nn.Module):
             return x + self.drop(fn(norm_fn(x)), deterministic=deterministic)
         return norm_fn(x + self.drop(fn(x), deterministic=deterministic))
 
-    def __call__(self, x_BTE, *, mask=None, positions_BT=None, is_causal=False, cache=None,
+    # Positional (not keyword-only): under `nn.remat` the Python flags is_causal and
+    # deterministic must be static, and jax.checkpoint makes only positional args static.
+    def __call__(self, x_BTE, mask=None, positions_BT=None, is_causal=False, cache=None,
                  cache_index=None, cross_kv=None, cross_mask=None, deterministic=True):
         new_cache = None
 
@@ -90,6 +92,26 @@ class Block(nn.Module):
 
     def project_cross(self, memory_BSE):
         return self.cross_attn.project_kv(memory_BSE)
+
+
+# Block.__call__ argument numbers (self is 0) of the Python values jax.checkpoint must not trace.
+_STATIC_ARGNUMS = (4, 9)  # is_causal, deterministic
+
+
+def block_class(remat: str) -> type[nn.Module]:
+    """Block, or Block under `nn.remat` (same parameter names, so checkpoints still load).
+
+    'full' recomputes everything in the block on the backward pass; 'dots' keeps the outputs
+    of the weight matmuls (dots without batch dimensions: projections and the MLP, O(B T E))
+    and recomputes the rest, notably the attention scores and probabilities, which are
+    batched dots of size O(B H T S) and the largest activations at long lengths.
+    """
+    if remat == "none":
+        return Block
+    policies = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+    if remat not in policies:
+        raise ValueError(f"remat must be 'none', 'full' or 'dots', got {remat!r}")
+    return nn.remat(Block, static_argnums=_STATIC_ARGNUMS, policy=policies[remat])
 
 
 def cache_mask(positions_BT: Array, slots: int) -> Array:
@@ -131,8 +153,9 @@ class DecoderLM(nn.Module):
         self.embed = embed(c.vocab_size, c.d_model, dt, pdt, "embed")
         if not llama:
             self.pos_embed = embed(c.max_len, c.d_model, dt, pdt, "pos_embed", std=0.01)
+        block = block_class(c.remat)
         self.layers = [
-            Block(c.d_model, c.n_heads, c.n_kv_heads, c.dim_per_head, c.d_ff,
+            block(c.d_model, c.n_heads, c.n_kv_heads, c.dim_per_head, c.d_ff,
                   activation="swiglu" if llama else "gelu",
                   norm_kind="rmsnorm" if llama else "layernorm", norm_eps=c.norm_eps,
                   use_bias=c.use_bias, pre_ln=True, use_rope=llama, rope_theta=c.rope_theta,
@@ -158,10 +181,10 @@ class DecoderLM(nn.Module):
         x_BTE = constrain_activations(self.drop(x_BTE, deterministic=deterministic))
         new_layers = []
         for i, layer in enumerate(self.layers):
-            x_BTE, lc = layer(x_BTE, mask=mask, positions_BT=positions_BT, is_causal=is_causal,
-                              cache=None if cache is None else cache["layers"][i],
-                              cache_index=None if cache is None else cache["lengths"],
-                              deterministic=deterministic)
+            x_BTE, lc = layer(x_BTE, mask, positions_BT, is_causal,
+                              None if cache is None else cache["layers"][i],
+                              None if cache is None else cache["lengths"],
+                              None, None, deterministic)
             x_BTE = constrain_activations(x_BTE)
             new_layers.append(lc)
         h_BTE = self.final_norm(x_BTE)
@@ -195,8 +218,9 @@ class EncoderDecoder(nn.Module):
             self.src_embed = embed(c.src_vocab_size, c.d_model, dt, pdt, "src_embed", std=c.d_model ** -0.5)
             self.tgt_embed = embed(c.tgt_vocab_size, c.d_model, dt, pdt, "tgt_embed", std=c.d_model ** -0.5)
             self.lm_head = dense(c.tgt_vocab_size, ("embed", "vocab"), False, dt, pdt, "lm_head")
-        self.encoder = [Block(**blk) for _ in range(c.n_encoder_layers)]
-        self.decoder = [Block(**blk, cross=True) for _ in range(c.n_decoder_layers)]
+        block = block_class(c.remat)
+        self.encoder = [block(**blk) for _ in range(c.n_encoder_layers)]
+        self.decoder = [block(**blk, cross=True) for _ in range(c.n_decoder_layers)]
         if c.pre_ln:
             self.encoder_norm = norm("layernorm", c.norm_eps, dt, pdt, "encoder_norm")
             self.decoder_norm = norm("layernorm", c.norm_eps, dt, pdt, "decoder_norm")
@@ -214,7 +238,7 @@ class EncoderDecoder(nn.Module):
         x = self._embed(src_BS, default_positions(src_BS), table, deterministic)
         mask = None if src_mask_BS is None else padding_mask(src_mask_BS)
         for layer in self.encoder:
-            x, _ = layer(x, mask=mask, deterministic=deterministic)
+            x, _ = layer(x, mask, None, False, None, None, None, None, deterministic)
             x = constrain_activations(x)
         return self.encoder_norm(x) if self.config.pre_ln else x
 
@@ -239,10 +263,10 @@ class EncoderDecoder(nn.Module):
         x = self._embed(tgt_BT, positions_BT, table, deterministic)
         new_layers = []
         for i, layer in enumerate(self.decoder):
-            x, lc = layer(x, mask=mask, positions_BT=positions_BT, is_causal=is_causal,
-                          cache=None if cache is None else cache["layers"][i],
-                          cache_index=None if cache is None else cache["lengths"],
-                          cross_kv=cross[i], cross_mask=cross_mask, deterministic=deterministic)
+            x, lc = layer(x, mask, positions_BT, is_causal,
+                          None if cache is None else cache["layers"][i],
+                          None if cache is None else cache["lengths"],
+                          cross[i], cross_mask, deterministic)
             x = constrain_activations(x)
             new_layers.append(lc)
         if c.pre_ln:

@@ -112,6 +112,44 @@ def test_python_docs_corpus_and_metadata(tmp_path):
     assert data.dataset_kind("python_docs") == "lm"
 
 
+def test_registry_answers_without_building_and_matches_the_builders(tmp_path):
+    empty = tmp_path / "unused"
+    for name, spec in data.REGISTRY.items():
+        assert data.dataset_kind(name) == spec.kind
+        assert data.eval_split(name, data_dir=str(empty)) == spec.eval_split
+    assert not empty.exists()  # the registry answered; nothing was built
+    # what the registry says is what the builders do
+    built = data.load_source("python_docs", data_dir=str(tmp_path), max_files=21)
+    assert set(built.info.splits.keys()) == {"train", data.REGISTRY["python_docs"].eval_split}
+    assert data.default_options("python_docs") == {"max_files": None}
+    for task in datasets.TASKS:
+        name = f"algorithmic/{task}"
+        src = data.load_source(name, data_dir=str(tmp_path), **SMALL)
+        assert set(src.info.splits.keys()) == {"train", data.eval_split(name)}
+        assert src.kind == data.dataset_kind(name) == "seq2seq"
+        assert data.default_options(name) == datasets.check_algorithmic_knobs(task, {})
+    assert data.EXAMPLES == {"lm": "python_docs", "seq2seq": "algorithmic/reverse"}
+    assert all(data.REGISTRY[n].kind == k for k, n in data.EXAMPLES.items())
+    assert data.default_options("tiny_shakespeare") == {}
+    with pytest.raises(ValueError, match="Did you mean: algorithmic/sort"):
+        data.eval_split("algorithmic/sorted")
+
+
+def test_names_paths_and_catalog_are_told_apart(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "python_docs").mkdir()  # an embedded name wins over a same-named folder
+    (tmp_path / "mine").mkdir()
+    assert data.user_data_path("python_docs") is None
+    assert data.user_data_path("mine") == "mine"
+    assert data.user_data_path("wmt14_translate/de-en") is None
+    for looks_like_a_path in ("./x", "~/nope/x", "corpus.txt", "d/e.jsonl"):
+        with pytest.raises(FileNotFoundError, match="does not exist; --data takes a text file"):
+            data.user_data_path(looks_like_a_path)
+    import tensorflow_datasets as tfds
+    with tfds.testing.mock_data(num_examples=2):
+        assert data.eval_split("tiny_shakespeare", data_dir=str(tmp_path)) == "validation"
+
+
 def test_module_text_keeps_docstrings_and_comments_in_order():
     src = (b'#!/usr/bin/env python\n# -*- coding: utf-8 -*-\n"""Module doc."""\n'
            b'# a comment\n# continued\nx = "not a doc"  # trailing note\n'

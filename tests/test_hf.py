@@ -275,7 +275,8 @@ def test_unsupported_llama_variant(copy_of):
 
 
 def test_export_checks_params_first(tmp_path):
-    config = get_config("gpt-tiny", n_layers=1, d_model=32, d_ff=64, vocab_size=V)
+    config = get_config("gpt-tiny", n_layers=1, d_model=32, d_ff=64, vocab_size=V,
+                        bos_id=BOS, eos_id=EOS, pad_id=0)
     params = init(config, 0)
     params["layers_0"]["mlp"]["up"]["kernel"] = jnp.zeros((32, 7))
     with pytest.raises(CheckpointError, match=r"layers_0/mlp/up/kernel has shape \(32, 7\).*"
@@ -327,3 +328,73 @@ def test_cli_generate_with_checkpoint_tokenizer(with_tokenizer, saved, capsys):
     assert main(["generate", "--model", str(with_tokenizer), "--prompt", prompt,
                  "--max-new-tokens", "4", "--temperature", "0", "--no-eos"]) == 0
     assert want in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- one-line errors
+
+
+def _cli_error(directory, capsys):
+    """What `fmzoo generate --model DIR` prints: exactly one 'error: ...' line, exit 2."""
+    from fmzoo.cli import main
+    assert main(["generate", "--model", str(directory), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_garbage_and_truncated_safetensors_are_one_line_errors(copy_of, capsys):
+    d = copy_of("llama-gqa-untied")
+    weights = d / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    err = _cli_error(d, capsys)
+    assert f"{weights} is not a readable safetensors file" in err and "truncated" in err
+    weights.write_bytes(b"\x00garbage" * 10)
+    assert f"{weights} is not a readable safetensors file" in _cli_error(d, capsys)
+
+
+def test_bad_config_json_is_a_one_line_error(copy_of, capsys):
+    d = copy_of("gpt2-untied")
+    cfg = d / "config.json"
+    original = json.load(open(cfg))
+    json.dump({k: v for k, v in original.items() if k != "n_embd"}, open(cfg, "w"))
+    assert _cli_error(d, capsys) == (f"error: {cfg}: missing key 'n_embd', which "
+                                     "GPT2LMHeadModel needs; the file is incomplete: download "
+                                     "or save it again")
+    json.dump({**original, "n_layer": "2"}, open(cfg, "w"))
+    assert _cli_error(d, capsys) == (f"error: {cfg}: n_layer must be an integer, got '2' (a "
+                                     "str); fix that value in config.json")
+    json.dump([original], open(cfg, "w"))
+    assert _cli_error(d, capsys) == (f"error: {cfg} holds a JSON list, not an object; it "
+                                     "should map config keys to values (download it again)")
+    cfg.write_text('{"n_embd": 3')
+    assert _cli_error(d, capsys).startswith(f"error: {cfg} is not valid JSON (")
+
+
+def test_corrupt_tokenizer_json_names_the_file(copy_of, capsys):
+    d = copy_of("gpt2-untied")
+    (d / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    err = _cli_error(d, capsys)
+    assert err.startswith(f"error: {d / 'tokenizer.json'} is not a readable tokenizer")
+
+
+# ----------------------------------------------------------------------------- fmzoo.load
+
+
+def test_load_honours_dtype_and_overrides_for_an_hf_dir(saved):
+    import fmzoo
+    from fmzoo.models.config import ConfigError
+    directory, _ = saved["llama-gqa-untied"]
+    loaded = fmzoo.load(directory, dtype="bfloat16", attention_impl="reference")
+    assert loaded.config.dtype == loaded.config.param_dtype == "bfloat16"
+    assert loaded.config.attention_impl == "reference"
+    assert {x.dtype for x in jax.tree.leaves(loaded.params)} == {jnp.dtype(jnp.bfloat16)}
+    tokens, mask = _batch()
+    bf16, fp32 = _zoo_logits(loaded, tokens, mask), _zoo_logits(fmzoo.load(directory), tokens, mask)
+    assert not np.array_equal(bf16, fp32)  # the model really ran in bf16 ...
+    np.testing.assert_allclose(bf16, fp32, atol=0.15)  # ... on the same weights
+    with pytest.raises(ConfigError, match=r"override\(s\) d_ff would change the shapes"):
+        fmzoo.load(directory, d_ff=128)
+    with pytest.raises(ConfigError, match=r"LMConfig has no field 'n_hedas'; did you mean "
+                                          r"n_heads"):
+        fmzoo.load(directory, n_hedas=2)

@@ -15,9 +15,11 @@ from fmzoo.infer.generate import _pack
 
 V, EOS, N = 4, 3, 3  # vocabulary, end token, new tokens: 1 + 3 + 9 + 36 = 49 sequences
 TINY_VOCAB = {
-    "gpt": dict(vocab_size=V, max_len=16),
-    "encdec": dict(src_vocab_size=V, tgt_vocab_size=V, max_len=16, bos_id=0),
-    "rnn-attn": dict(src_vocab_size=V, tgt_vocab_size=V, max_len=16, bos_id=0),
+    "gpt": dict(vocab_size=V, max_len=16, pad_id=0, bos_id=0, eos_id=EOS),
+    "encdec": dict(src_vocab_size=V, tgt_vocab_size=V, max_len=16, pad_id=0, bos_id=0,
+                   eos_id=EOS),
+    "rnn-attn": dict(src_vocab_size=V, tgt_vocab_size=V, max_len=16, pad_id=0, bos_id=0,
+                     eos_id=EOS),
 }
 
 

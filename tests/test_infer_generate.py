@@ -251,6 +251,39 @@ def test_stats_report_time_to_first_token_and_decode_speed():
     assert stats.ttft_s > 0 and stats.decode_s > 0 and stats.decode_tokens_per_s > 0
 
 
+@pytest.mark.parametrize("family", ["gpt", "encdec"])
+def test_generate_donates_the_decode_cache(family, monkeypatch):
+    """generate's one program takes the preallocated cache donated and aliased to its output,
+    so the decode loop updates the cache in place rather than copying it."""
+    import re
+    import sys
+    gen = sys.modules["fmzoo.infer.generate"]
+    real, seen = gen._generate_fused, {}
+
+    def spy(engine, params, carry, *args, **kwargs):
+        shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                             sharding=x.sharding),
+                              (params, carry, args))
+        seen.update(engine=engine, carry=carry, shapes=shapes, kwargs=kwargs)
+        return real(engine, params, carry, *args, **kwargs)
+    monkeypatch.setattr(gen, "_generate_fused", spy)
+    model, params = zoo(family)
+    got = generate(model, params, PROMPTS, max_new_tokens=6)
+    assert [len(t) for t in got] == [6, 6, 6]
+    cache = jax.tree.leaves(seen["carry"])
+    assert cache and all(x.is_deleted() for x in cache)  # the caller's buffers were consumed
+    assert not any(x.is_deleted() for x in jax.tree.leaves(params))
+    p, c, a = seen["shapes"]
+    lowered = real.lower(seen["engine"], p, c, *a, **seen["kwargs"])
+    (_, donated_cache, *others), _ = jax.tree.map(lambda i: i.donated, lowered.args_info)
+    assert all(jax.tree.leaves(donated_cache)) and not any(jax.tree.leaves(others))
+    # ... and each cache buffer is aliased to an output of the program (the cache it returns),
+    # so XLA writes the new cache into the old one's memory instead of a second copy
+    aliased = re.findall(r"%arg(\d+): [^%]*?tf\.aliasing_output = \d+", lowered.as_text())
+    n_params = len(jax.tree.leaves(p))
+    assert sorted(map(int, aliased)) == list(range(n_params, n_params + len(cache)))
+
+
 # ----------------------------------------------------------------------------------- CLI
 
 

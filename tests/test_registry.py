@@ -78,3 +78,43 @@ def test_overrides_revalidate():
     assert c.n_layers == 1 and c.n_kv_heads == 1 and get_config("llama-tiny").n_layers == 4
     with pytest.raises(ConfigError):
         get_config("llama-tiny", n_kv_heads=3)
+
+
+@pytest.mark.parametrize("preset,override,message", [
+    ("gpt-tiny", dict(eos_id=264), r"eos_id=264 is outside the vocabulary \(vocab_size=264\)"),
+    ("gpt-tiny", dict(bos_id=-1), r"bos_id must be >= 0"),
+    ("gpt-tiny", dict(vocab_size=100), r"pad_id=256 is outside the vocabulary \(vocab_size=100\)"),
+    ("transformer-seq2seq", dict(share_embeddings=False, src_vocab_size=200),
+     r"pad_id=256 is outside the vocabulary \(src_vocab_size=200\)"),
+    ("rnn-seq2seq", dict(tgt_vocab_size=258), r"eos_id=258 is outside .*tgt_vocab_size=258"),
+    ("gpt-tiny", dict(dropout=1.0), r"dropout must be in \[0, 1\), got 1.0"),
+    ("transformer-seq2seq", dict(dropout=-0.1), r"dropout must be in \[0, 1\), got -0.1"),
+    ("llama-tiny", dict(head_dim=0), r"head_dim must be positive"),
+    ("gpt-tiny", dict(d_ff=0), r"d_ff must be positive, got 0"),
+    ("transformer-seq2seq", dict(d_ff=0), r"d_ff must be positive, got 0"),
+    ("gpt-tiny", dict(n_layers=0), r"n_layers must be positive, got 0"),
+    ("transformer-seq2seq", dict(n_encoder_layers=0), r"n_encoder_layers must be positive"),
+    ("gpt-tiny", dict(d_model=True), r"LMConfig.d_model must be an integer, got True "
+                                     r"\(bool\); a boolean is not a size"),
+    ("rnn-seq2seq", dict(d_hidden=False), r"d_hidden must be an integer, got False"),
+    ("gpt-tiny", dict(d_model="128"), r"d_model must be an integer, got '128' \(str\); "
+                                      r"write the number without quotes \(d_model=128\)"),
+    ("gpt-tiny", dict(dropout="0.1"), r"dropout must be a number, got '0.1'"),
+    ("gpt-tiny", dict(use_bias=1), r"use_bias must be true or false, got 1"),
+    ("gpt-tiny", dict(max_len=None), r"max_len must be an integer, got None"),
+    ("llama-tiny", dict(norm_eps=-1e-5), r"norm_eps must be >= 0"),
+    ("llama-tiny", dict(rope_theta=0.0), r"rope_theta must be positive"),
+    ("llama-tiny", dict(rope_theta=-5), r"rope_theta must be positive"),
+    ("gpt-tiny", dict(remat="partial"), r"remat must be one of \('none', 'full', 'dots'\)"),
+])
+def test_config_ranges_and_types_are_checked(preset, override, message):
+    with pytest.raises(ConfigError, match=message):
+        get_config(preset, **override)
+
+
+def test_config_numbers_are_normalised_and_valid_edges_pass():
+    import numpy as np
+    c = get_config("gpt-tiny", d_model=np.int64(64), dropout=np.float32(0.5), norm_eps=0.0,
+                   eos_id=263, remat="dots")
+    assert type(c.d_model) is int and type(c.dropout) is float and c.to_json()
+    assert get_config("llama-tiny", head_dim=None).dim_per_head == 32

@@ -16,9 +16,10 @@ import pytest
 
 from fmzoo.models import get_config, registry
 from fmzoo.models.rnn import RNNSeq2Seq, open_keep_gates, state_gradient_norms
-from fmzoo.models.sharding import place_params
+from fmzoo.models.registry import place_params
 
-SMALL = dict(d_embed=8, d_hidden=16, src_vocab_size=40, tgt_vocab_size=48, pad_id=0)
+SMALL = dict(d_embed=8, d_hidden=16, src_vocab_size=40, tgt_vocab_size=48, pad_id=0, bos_id=1,
+             eos_id=2)
 PAD = 0
 SRC, TGT = (2, 6), (2, 5)
 VARIANTS = [("gru", None), ("lstm", "bahdanau"), ("rnn", "luong")]
@@ -185,6 +186,88 @@ def test_vanilla_decoder_sees_only_the_final_state(attention):
     assert max_diff(a1, a2) > 1e-3
     # the control: the vanilla decoder does depend on the source, through the last token
     assert max_diff(v1, rv(pv, last, tgt, m)[1]) > 1e-3
+
+
+# ----------------------------------------------------- attention scores, by hand in numpy
+
+
+def _np_cell(p, h_BH, x_BI):
+    """flax's SimpleCell: h' = tanh(x W_i + b_i + h W_h)."""
+    return np.tanh(x_BI @ p["i"]["kernel"] + p["i"]["bias"] + h_BH @ p["h"]["kernel"])
+
+
+def _np_attend(e_BS, mask_BS, memory_BSH):
+    e_BS = np.where(mask_BS, e_BS, -np.inf)
+    w_BS = np.exp(e_BS - e_BS.max(axis=-1, keepdims=True))
+    w_BS /= w_BS.sum(axis=-1, keepdims=True)
+    return np.einsum("bs,bsh->bh", w_BS, memory_BSH)
+
+
+def luong_dot(P, h_BH, memory_BSH):
+    """Luong et al. (2015), 'dot': e_j = h_t . h_j, from the new decoder state."""
+    return np.einsum("bh,bsh->bs", h_BH, memory_BSH)
+
+
+def bahdanau_additive(P, s_BH, memory_BSH):
+    """Bahdanau et al. (2015): e_j = v^T tanh(W_q s_{t-1} + W_k h_j)."""
+    a = P["decoder"]["attention"]
+    q_BA = s_BH @ a["query"]["kernel"]
+    k_BSA = memory_BSH @ P["attn_keys"]["kernel"]
+    return np.tanh(q_BA[:, None, :] + k_BSA) @ a["v"]
+
+
+def reference_logits(params, src_BS, mask_BS, tgt_BT, attention, score):
+    """Teacher-forced logits of a tanh-cell attention model, every step written out."""
+    P = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+    mask_BS = np.asarray(mask_BS)
+    x_BSE = P["src_embed"]["embedding"][np.asarray(src_BS)]
+    h_BH, states = np.zeros((src_BS.shape[0], P["encoder"]["cell"]["h"]["kernel"].shape[0])), []
+    for j in range(src_BS.shape[1]):
+        h_BH = _np_cell(P["encoder"]["cell"], h_BH, x_BSE[:, j])
+        states.append(h_BH)
+    memory_BSH = np.stack(states, axis=1)
+    last_B = mask_BS.sum(axis=1) - 1
+    s_BH = memory_BSH[np.arange(len(last_B)), last_B]  # the state at the last real token
+    feed_BH, logits = np.zeros_like(s_BH), []
+    for t in range(tgt_BT.shape[1]):
+        e_BE = P["tgt_embed"]["embedding"][np.asarray(tgt_BT[:, t])]
+        if attention == "luong":
+            s_BH = _np_cell(P["decoder"]["cell"], s_BH, np.concatenate([e_BE, feed_BH], -1))
+            ctx_BH = _np_attend(score(P, s_BH, memory_BSH), mask_BS, memory_BSH)
+            out_BX = feed_BH = np.tanh(np.concatenate([ctx_BH, s_BH], -1)
+                                       @ P["decoder"]["combine"]["kernel"])
+        else:
+            ctx_BH = _np_attend(score(P, s_BH, memory_BSH), mask_BS, memory_BSH)
+            s_BH = _np_cell(P["decoder"]["cell"], s_BH, np.concatenate([e_BE, ctx_BH], -1))
+            out_BX = np.concatenate([s_BH, ctx_BH], -1)
+        logits.append(out_BX @ P["out"]["kernel"] + P["out"]["bias"])
+    return np.stack(logits, axis=1)
+
+
+@pytest.mark.parametrize("attention,score,broken", [
+    ("luong", luong_dot, lambda P, h, m: 0 * luong_dot(P, h, m)),
+    ("bahdanau", bahdanau_additive,
+     lambda P, s, m: bahdanau_additive(P, 0 * s, m)),  # query-independent
+])
+def test_attention_scores_match_the_papers_formulas(attention, score, broken):
+    """The model's logits equal the step-by-step formulas with its own params; a zeroed dot
+    score or a query-independent additive score gives clearly different logits."""
+    config = small("rnn", attention)
+    params = init_params(config)
+    if attention == "bahdanau":
+        # at init W_q, W_k and v are tiny, the scores nearly equal and the weights nearly
+        # uniform, so a query-independent score would hide; scale them to O(1) scores
+        att = params["decoder"]["attention"]
+        params = {**params, "attn_keys": {"kernel": 30 * params["attn_keys"]["kernel"]},
+                  "decoder": {**params["decoder"], "attention": {
+                      "query": {"kernel": 30 * att["query"]["kernel"]}, "v": 30 * att["v"]}}}
+    src, tgt = tokens(17, SRC, 40), tokens(18, TGT, 48)
+    src_mask = jnp.array([[True] * 6, [True] * 3 + [False] * 3])
+    got = np.asarray(runner(config)(params, src, tgt, src_mask)[1])
+    want = reference_logits(params, src, src_mask, tgt, attention, score)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+    # the control: the formulas tell a broken score apart, far above the tolerance
+    assert max_diff(got, reference_logits(params, src, src_mask, tgt, attention, broken)) > 1e-3
 
 
 @functools.lru_cache(maxsize=None)

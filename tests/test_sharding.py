@@ -1,8 +1,11 @@
 """Sharding by name: parameter rules, activation constraints, the FSDP compute layout."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fmzoo.models import get_config, logical_axes, param_shapes
@@ -41,3 +44,81 @@ def test_activation_constraint_only_inside_a_sharding_context():
     with sharding_context(mesh):  # a batch that the mesh does not divide stays whole
         z = jax.jit(lambda a: constrain_activations(a))(x[:3])
     assert z.sharding.is_fully_replicated
+
+
+# ------------------------------------------------------------- the compiled train step
+
+
+def _shapes_in(hlo_line_result: str) -> list[tuple[int, ...]]:
+    """Array shapes in an HLO result type, e.g. '(f32[4,16]{1,0}, f32[])' -> [(4, 16), ()]."""
+    return [tuple(int(d) for d in dims.split(",") if d)
+            for dims in re.findall(r"[a-z]+\d*\[([\d,]*)\]", hlo_line_result)]
+
+
+def _collective_results(hlo: str, op: str) -> list[tuple[int, ...]]:
+    out = []
+    for m in re.finditer(rf"= (.*?) {op}(?:-start)?\(", hlo):
+        out += _shapes_in(m.group(1))
+    return out
+
+
+@pytest.fixture(scope="module")
+def fsdp_step():
+    """A gpt step on a pure FSDP mesh (fsdp=8): lowered (with the constraints as written) and
+    compiled (what XLA really runs), with the state and the mesh it runs on."""
+    from fmzoo.train.state import sharded_init
+    from fmzoo.train.step import make_train_step
+    from fmzoo.train.mesh import put_batch
+    from train_helpers import batches, setup, tiny_config
+    config = tiny_config("gpt").replace(d_model=64, d_ff=128)
+    loss_fn, tx = setup(config)
+    mesh = make_mesh("fsdp=8")
+    state, shardings = sharded_init(config, tx, mesh)
+    batch = put_batch(batches("gpt", 1)[0], mesh)
+    lowered = make_train_step(loss_fn, tx, mesh, shardings).lower(state, batch)
+    return config, state, batch, lowered, lowered.compile()
+
+
+def test_fsdp_gathers_whole_weights_and_nothing_else(fsdp_step):
+    config, state, _, _, compiled = fsdp_step
+    hlo = compiled.as_text()
+    split = {tuple(p.shape) for p in jax.tree.leaves(state.params)
+             if "fsdp" in str(p.sharding.spec)}
+    assert len(split) >= 5, split  # embeddings, attention and MLP kernels are all split
+    gathered = set(_collective_results(hlo, "all-gather"))
+    # every fsdp-split weight is all-gathered at its own (whole) shape for the compute ...
+    assert split <= gathered, split - gathered
+    # ... and nothing else is: activations stay split by batch (no batch-sized gathers)
+    assert gathered <= {tuple(p.shape) for p in jax.tree.leaves(state.params)}, gathered
+
+
+def test_gradients_are_reduced_across_the_batch_shards(fsdp_step):
+    _, state, _, _, compiled = fsdp_step
+    hlo = compiled.as_text()
+    reduced = set(_collective_results(hlo, "all-reduce") + _collective_results(hlo, "reduce-scatter"))
+    # each weight's gradient is summed over the devices that hold different rows of the batch
+    # (CPU XLA reduces whole gradients; GPU/TPU may reduce-scatter to the shard shape)
+    for p in jax.tree.leaves(state.params):
+        shard = p.sharding.shard_shape(p.shape)
+        assert tuple(p.shape) in reduced or tuple(shard) in reduced, p.shape
+
+
+def test_each_device_holds_an_eighth_of_the_state(fsdp_step):
+    _, state, batch, _, compiled = fsdp_step
+    total = sum(x.nbytes for x in jax.tree.leaves(state))
+    batch_bytes = sum(x.nbytes for x in jax.tree.leaves(batch)) // 8
+    per_device = compiled.memory_analysis().argument_size_in_bytes
+    # params and AdamW moments split 8 ways; only norms, biases and counters are whole
+    assert per_device <= total / 8 * 1.2 + batch_bytes, (per_device, total)
+
+
+def test_residual_stream_is_pinned_to_the_batch_axes(fsdp_step):
+    config, _, batch, lowered, _ = fsdp_step
+    B, T = batch["inputs"].shape
+    text = lowered.as_text()
+    residual = f"tensor<{B}x{T}x{config.d_model}xf32>"
+    pinned = [line for line in text.splitlines()
+              if residual in line and ("sharding_constraint" in line or "@Sharding" in line)
+              and ('[{"data", "fsdp"}, {}, {}]' in line or "devices=[8,1,1]" in line)]
+    # one constraint after the embedding and after every block (and their transposes)
+    assert len(pinned) >= config.n_layers + 1, len(pinned)

@@ -72,3 +72,15 @@ def test_hf_tokenizers_model_loads_and_round_trips(tmp_path):
     tok.save(str(tmp_path / "saved"))
     back = load_tokenizer(str(tmp_path / "saved"))
     assert back.encode("the lazy dog") == tok.encode("the lazy dog") and back.eos_id == 2
+
+
+def test_corrupt_tokenizer_files_name_the_file(tmp_path):
+    from fmzoo.models.tokenizer import TokenizerError, load_tokenizer
+    (tmp_path / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": ')
+    with pytest.raises(TokenizerError, match=f"^{tmp_path / 'tokenizer.json'} is not a readable "
+                                             "tokenizer .*corrupt or truncated"):
+        load_tokenizer(str(tmp_path))
+    (tmp_path / "fmzoo_tokenizer.json").write_text("[1, 2]")
+    with pytest.raises(TokenizerError, match=f"^{tmp_path / 'fmzoo_tokenizer.json'} is not valid "
+                                             r"\(a JSON list, not an object\)"):
+        load_tokenizer(str(tmp_path))

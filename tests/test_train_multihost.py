@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from fmzoo.train.checkpoint import Checkpointer, load_workdir
+from fmzoo.train.checkpoint import committed_steps, load_workdir
 from fmzoo.train.mesh import MeshError, maybe_initialize_distributed
 from fmzoo.train.metrics import read_metrics
 from train_helpers import batches, local_numpy, tiny_config, train_on_mesh
@@ -68,10 +68,12 @@ def test_two_process_training_run_saves_and_resumes(tmp_path):
     launch("cli", "--", *common, "--steps", "2", "--save-every", "2")
     launch("cli", "--", *common, "--steps", "4", "--save-every", "2", "--resume")
     assert [r["step"] for r in read_metrics(work) if "loss" in r] == [1, 2, 3, 4]
-    ckpt = Checkpointer(str(work))
-    assert sorted(ckpt.manager.all_steps()) == [2, 4]
-    states = ckpt._restore_meta(4)["data_states"]
-    assert len(states) == 2 and states[0] != states[1]  # one position per process
+    assert committed_steps(str(work / "checkpoints")) == [2, 4]
+    data_dir = work / "checkpoints" / "4" / "data"  # one position per process (grain's handler)
+    states = [(data_dir / f"process_{i}-of-2.json").read_text() for i in range(2)]
+    assert states[0] != states[1]
+    run = json.loads((work / "fmzoo_run.json").read_text())
+    assert [h["start_step"] for h in run["history"]] == [0, 2]
     assert np.isfinite(np.asarray(load_workdir(str(work)).params["embed"]["embedding"])).all()
 
 

@@ -2,6 +2,7 @@
 params laid out by the rules, accumulation == one big batch, mesh errors, losses."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -89,7 +90,7 @@ def test_optimizer_state_shardings_mirror_params():
     config = tiny_config("llama")
     _, tx = setup(config)
     mesh = make_mesh("fsdp=4,tensor=2")
-    sh = state_shardings(config, state_shapes(config, tx), mesh)
+    sh = state_shardings(config, state_shapes(config, tx), mesh, tx)
     mu = sh.opt_state[1][0].mu
     assert jax.tree.map(lambda s: s.spec, mu) == jax.tree.map(lambda s: s.spec, sh.params)
     assert sh.opt_state[1][0].count.spec == P()
@@ -117,3 +118,44 @@ def test_masked_cross_entropy_matches_manual():
     acc = ((logits.argmax(-1) == targets) * mask).sum() / mask.sum()
     np.testing.assert_allclose(m["accuracy"], acc, rtol=1e-6)
     assert float(m["tokens"]) == mask.sum()
+
+
+def test_gradient_clipping_stops_a_spike_from_steering_later_steps():
+    """A spike (gradient norm 1e4) then a normal gradient pointing back: clipped at norm 1,
+    the spike leaves AdamW's momentum small and the second update turns round at once;
+    unclipped, the spike's momentum keeps carrying the parameters the old way."""
+    import optax
+    from fmzoo.train.optim import make_optimizer
+    g = {"w": jnp.arange(1.0, 17.0).reshape(4, 4), "b": jnp.ones(4)}
+    unit = jax.tree.map(lambda x: x / optax.tree.norm(g), g)
+
+    def second_update_direction(clip_norm):
+        tx = make_optimizer(0.1, 10, warmup_steps=0, weight_decay=0.0, clip_norm=clip_norm)
+        params = jax.tree.map(jnp.ones_like, g)
+        state = tx.init(params)
+        u1, state = tx.update(jax.tree.map(lambda x: 1e4 * x, unit), state, params)
+        u2, _ = tx.update(jax.tree.map(lambda x: -x, unit), state, params)
+        return sum(float(jnp.vdot(a, b)) for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2)))
+
+    assert second_update_direction(1.0) < 0  # clipped: follows the new gradient
+    assert second_update_direction(None) > 0  # the same run without clipping does not
+
+
+def test_step_reports_grad_and_param_norms(gpt_single):
+    config, data, _, _ = gpt_single
+    import optax
+    from fmzoo.train.step import make_train_step
+    from fmzoo.train.state import sharded_init
+    from fmzoo.train.mesh import put_batch
+    loss_fn, tx = setup(config)
+    mesh = make_mesh("data=1", jax.devices()[:1])
+    state, shardings = sharded_init(config, tx, mesh)
+    new, m = make_train_step(loss_fn, tx, mesh, shardings, donate=False)(state, put_batch(data[0], mesh))
+    np.testing.assert_allclose(m["param_norm"], optax.tree.norm(new.params), rtol=1e-6)
+    grads = jax.grad(lambda p: loss_fn(p, put_batch(data[0], mesh), None)[0])(state.params)
+    np.testing.assert_allclose(m["grad_norm"], optax.tree.norm(grads), rtol=1e-5)
+    # the pmap step reports the same norms through the same reduction
+    pstate = replicate(init_train_state(config, tx))
+    _, pm = make_pmap_step(loss_fn, tx)(pstate, shard_batch(data[0], jax.local_device_count()))
+    np.testing.assert_allclose(pm["param_norm"][0], m["param_norm"], rtol=1e-5)
+    np.testing.assert_allclose(pm["grad_norm"][0], m["grad_norm"], rtol=1e-4)

@@ -1,5 +1,7 @@
 """Decoder-only and encoder-decoder transformers: causality, padding, packing, options."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,14 +82,33 @@ def test_lm_packed_documents_do_not_see_each_other(lm):
     np.testing.assert_allclose(out[:, 5:], model.apply({"params": params}, b), atol=1e-5)
 
 
+def _rms(x):
+    return float(jnp.sqrt(jnp.mean(jnp.square(x))))
+
+
 def test_lm_bfloat16_compute_is_close(lm):
+    """bf16 compute stays far closer to fp32 than any position error would move the logits.
+
+    Weights are scaled up (x8) so attention is sharp and positions matter; positions start
+    at 300, where bf16 can no longer hold every integer. The error bound is relative to the
+    observed effect of a one-step position shift in the second half of the sequence (and,
+    for Llama, of removing RoPE): a bf16 path that dropped RoPE, rounded positions to bf16
+    or shifted them fails it."""
     c, model, params = lm
-    toks = _tokens((2, 8), c.vocab_size, 5)
-    want = model.apply({"params": params}, toks)
-    bf = build(c.replace(dtype="bfloat16"))
-    got = bf.apply({"params": params}, toks)
+    params = jax.tree.map(lambda x: x * 8.0 if x.ndim >= 2 else x, params)
+    toks = _tokens((2, 16), c.vocab_size, 5)
+    start = 300 if c.use_rope else 8  # learned positions stop at max_len
+    pos = jnp.broadcast_to(jnp.arange(16) + start, (2, 16))
+    want = model.apply({"params": params}, toks, positions_BT=pos)
+    got = build(c.replace(dtype="bfloat16")).apply({"params": params}, toks, positions_BT=pos)
     assert got.dtype == jnp.float32  # logits come back in fp32 for the loss
-    np.testing.assert_allclose(got, want, atol=0.1, rtol=0.1)
+    gap = pos + (jnp.arange(16) >= 8)
+    signals = [_rms(model.apply({"params": params}, toks, positions_BT=gap) - want)]
+    if c.use_rope:  # a rotary base so large that nothing rotates: RoPE removed
+        no_rope = build(c.replace(rope_theta=1e30))
+        signals.append(_rms(no_rope.apply({"params": params}, toks, positions_BT=pos) - want))
+    error = _rms(got - want)
+    assert error < 0.2 * min(signals), (error, signals)
 
 
 def test_encdec_shapes_and_decoder_causality(encdec):
@@ -115,8 +136,43 @@ def test_encdec_source_padding_changes_nothing(encdec):
     np.testing.assert_allclose(model.apply({"params": params}, padded, tgt, mask), want, atol=1e-5)
 
 
+def _normalised_last(x_BTE):
+    """Each position's vector has mean 0 and variance 1 (a LayerNorm with gain 1, bias 0)."""
+    x = np.asarray(x_BTE, np.float64)
+    np.testing.assert_allclose(x.mean(-1), 0.0, atol=1e-4)
+    np.testing.assert_allclose(x.var(-1), 1.0, rtol=1e-3)
+
+
+def _block_outputs(model, params, src, tgt):
+    """Every encoder and decoder block's output, captured from a forward pass."""
+    _, state = model.apply({"params": params}, src, tgt, capture_intermediates=True,
+                           mutable=["intermediates"])
+    inter = state["intermediates"]
+    return [inter[k]["__call__"][0][0] for k in sorted(inter)
+            if re.fullmatch(r"(en|de)coder_\d+", k)]
+
+
 def test_encdec_post_ln_is_the_paper_layout():
-    p = init(ENCDEC["post-ln"], 0)
-    assert "encoder_norm" not in p and "decoder_norm" not in p  # post-LN: no final norm
+    """Post-LN (the paper): LayerNorm is the last operation of every sub-layer, so every
+    block's output is normalised; pre-LN blocks leave the residual stream unnormalised and
+    only the final norms normalise it. Weights are scaled so nothing is normal by chance."""
+    src, tgt = _tokens((2, 9), 256, 10), _tokens((2, 7), 256, 11)
+    for name, post in (("post-ln", True), ("pre-ln-unshared", False)):
+        c = ENCDEC[name]
+        model = build(c)
+        # gains 1 and biases 0 in every norm (the init), everything else scaled up
+        params = jax.tree_util.tree_map_with_path(
+            lambda path, x: x if "norm" in jax.tree_util.keystr(path) else x * 3.0 + 0.1,
+            init(c, 0))
+        outs = _block_outputs(model, params, src, tgt)
+        assert len(outs) == c.n_encoder_layers + c.n_decoder_layers
+        for x in outs:
+            if post:
+                _normalised_last(x)
+            else:
+                assert abs(float(np.asarray(x).var(-1).mean()) - 1.0) > 0.5
+        memory = model.apply({"params": params}, src, method=model.encode)
+        _normalised_last(memory)  # post-LN: the last block's norm; pre-LN: final
+    assert "encoder_norm" not in init(ENCDEC["post-ln"], 0)  # post-LN has no final norm
     p2 = init(ENCDEC["pre-ln-unshared"], 0)
     assert {"encoder_norm", "decoder_norm", "src_embed", "tgt_embed", "lm_head"} <= set(p2)

@@ -1,18 +1,25 @@
-"""fmzoo.train: input pipelines, losses, step functions, mesh, loop, checkpoints.
+"""fmzoo.train: run settings, the Trainer, input pipelines, losses, step functions, mesh,
+checkpoints.
 
-The step-level pieces import eagerly; the loop, checkpoints (orbax) and data pipeline
-(grain, tensorflow-datasets) load on first use.
+Everything loads on first use, so that `fmzoo.train.config` (the settings schema the CLI
+is built from) imports without jax, and tensorflow-datasets / grain / orbax load only for
+the commands that need them.
 """
 
-from .losses import lm_loss, make_loss, masked_cross_entropy, seq2seq_loss
-from .mesh import MeshError, make_mesh, maybe_initialize_distributed, put_batch
-from .optim import lr_schedule, make_optimizer
-from .state import TrainState, create_train_state, sharded_init, state_shardings
-from .step import (accumulate_gradients, make_eval_step, make_pmap_step, make_train_step,
-                   replicate, shard_batch, unreplicate)
-
 _LAZY = {
-    "TrainConfig": "loop", "train": "loop", "TrainingDiverged": "loop",
+    "lm_loss": "losses", "make_loss": "losses", "masked_cross_entropy": "losses",
+    "seq2seq_loss": "losses",
+    "MeshError": "mesh", "make_mesh": "mesh", "maybe_initialize_distributed": "mesh",
+    "put_batch": "mesh",
+    "lr_schedule": "optim", "make_optimizer": "optim",
+    "TrainState": "state", "create_train_state": "state", "sharded_init": "state",
+    "state_shardings": "state",
+    "accumulate_gradients": "step", "make_eval_step": "step", "make_pmap_step": "step",
+    "make_train_step": "step", "replicate": "step", "shard_batch": "step",
+    "unreplicate": "step",
+    "Settings": "config", "from_args": "config", "add_arguments": "config",
+    "Trainer": "trainer", "Task": "trainer", "TrainingDiverged": "trainer",
+    "train": "pretrain", "prepare": "pretrain",
     "Checkpointer": "checkpoint", "CheckpointError": "checkpoint", "load_workdir": "checkpoint",
     "lm_batches": "data", "seq2seq_batches": "data", "dataset_kind": "data",
 }
@@ -25,10 +32,8 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = [
-    "lm_loss", "make_loss", "masked_cross_entropy", "seq2seq_loss", "MeshError", "make_mesh",
-    "maybe_initialize_distributed", "put_batch", "lr_schedule", "make_optimizer", "TrainState",
-    "create_train_state", "sharded_init", "state_shardings", "accumulate_gradients",
-    "make_eval_step", "make_pmap_step", "make_train_step", "replicate", "shard_batch",
-    "unreplicate", *_LAZY,
-]
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))
+
+
+__all__ = list(_LAZY)

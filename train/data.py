@@ -1,35 +1,61 @@
-"""Public entry points of fmzoo's input pipeline: datasets by name -> numpy batches.
+"""Public entry points of fmzoo's input pipeline: datasets by name -> numpy batches, and
+the dataset registry (REGISTRY: kind, held-out split and options of each embedded dataset;
+`dataset_kind`, `eval_split`, `default_options` answer for every kind of dataset).
 
-Embedded datasets (EMBEDDED) are TFDS builders in train/datasets.py, built offline and
-without TensorFlow on first use into `data_dir` ($FMZOO_DATA_DIR, else
-~/.cache/fmzoo/tensorflow_datasets). Any other name is a TFDS catalog dataset
-(tiny_shakespeare, lm1b, wmt14_translate/de-en, ...): it is read through the same
-`as_data_source` + grain path once it is prepared as ArrayRecord in data_dir (or in TFDS's own
-data dir); otherwise a clear error says how to prepare it. Batch formats and the truncation /
-packing rules are in train/batching.py.
+Three kinds of `--data`, tried in this order:
+- embedded datasets (EMBEDDED): TFDS builders in train/datasets.py, built offline and
+  without TensorFlow on first use into `data_dir` ($FMZOO_DATA_DIR, else
+  ~/.cache/fmzoo/tensorflow_datasets);
+- user data: a path to a text file, a directory of text files or a JSONL file with a "text"
+  field (train/text_data.py), prepared into data_dir once and again when it changes;
+- any other name is a TFDS catalog dataset (tiny_shakespeare, lm1b, wmt14_translate/de-en,
+  ...; train/catalog.py): read through the same `as_data_source` + grain path once it is
+  prepared as ArrayRecord in data_dir (or in TFDS's own data dir); otherwise a clear error
+  says how to prepare it.
+Batch formats and the truncation / packing rules are in train/batching.py.
 
     src = load_source("algorithmic/reverse", "test", max_len=40)   # random access, dicts
     it = lm_batches("python_docs", ByteTokenizer(), batch_size=8, seq_len=256)
+    it = lm_batches("notes/", batch_size=8, seq_len=256)   # every *.txt, *.md, ... below
     batch = next(it); state = it.get_state()   # JSON-safe; it.set_state(state) resumes
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import logging
 import os
 import re
-from typing import Any, Sequence
+from typing import Any
 
-from fmzoo.train import batching
+from fmzoo.train import batching, datasets
+from fmzoo.train import catalog as catalog_lib
 
-EMBEDDED = ("algorithmic/copy", "algorithmic/reverse", "algorithmic/sort",
-            "algorithmic/addition", "python_docs")
-_KINDS = {"python_docs": "lm", **{n: "seq2seq" for n in EMBEDDED if n.startswith("algo")}}
-# Old-style TFDS modules that hold text datasets (wmt*_translate lives in `translate`); they
-# are lazily imported by TFDS, so name lookup imports them first.
-_TEXT_GROUPS = ("text", "translate", "summarization", "question_answering")
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """What training needs to know about an embedded dataset without building it."""
+    kind: str  # 'lm' (text) or 'seq2seq' (source, target)
+    eval_split: str | None  # the held-out split
+    options: tuple[tuple[str, Any], ...]  # builder option -> default value
+    about: str  # one line for help texts
+
+
+# The dataset registry: every fact about an embedded dataset lives here, nowhere else.
+REGISTRY: dict[str, DatasetSpec] = {
+    **{f"algorithmic/{task}": DatasetSpec(
+        "seq2seq", "test", tuple(datasets.ALGORITHMIC_DEFAULTS.items()),
+        f"{task} random strings (seq2seq, splits train/test)" if task != "addition" else
+        "add two random integers (seq2seq, splits train/test)") for task in datasets.TASKS},
+    "python_docs": DatasetSpec(
+        "lm", "validation", tuple((k, None) for k in datasets.PYTHON_DOCS_KNOBS),
+        "docstrings and comments of the Python standard library (LM, train/validation)"),
+}
+EMBEDDED = tuple(REGISTRY)
+# The dataset a message suggests when a model needs the other kind of data.
+EXAMPLES = {"lm": "python_docs", "seq2seq": "algorithmic/reverse"}
 
 
 def default_data_dir() -> str:
@@ -72,64 +98,14 @@ class ExampleSource:
                 f"len={len(self)})")
 
 
-def _catalog_names() -> list[str]:
-    import importlib
-
-    import tensorflow_datasets as tfds
-    for group in _TEXT_GROUPS:
-        with contextlib.suppress(Exception):  # a group that needs TensorFlow is simply absent
-            importlib.import_module(f"tensorflow_datasets.{group}")
-    own = {n.split("/")[0] for n in EMBEDDED}  # registered with TFDS by train/datasets.py
-    return [n for n in tfds.list_builders(with_community_datasets=False) if n not in own]
-
-
 def _unknown(name: str) -> ValueError:
-    catalog = _catalog_names()
+    catalog = catalog_lib.names(EMBEDDED)
     close = difflib.get_close_matches(name, list(EMBEDDED) + catalog, n=5, cutoff=0.6)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     return ValueError(
         f"unknown dataset {name!r}.{hint} Embedded datasets (built offline, no download): "
         f"{', '.join(EMBEDDED)}. Other names must be TFDS catalog datasets "
         "(tfds.list_builders()), e.g. tiny_shakespeare, lm1b, wmt14_translate/de-en.")
-
-
-def _catalog_builder(name: str, data_dir: str):
-    import tensorflow_datasets as tfds
-    _catalog_names()  # registers the lazily imported text builders
-    try:
-        return tfds.builder(name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError:
-        raise _unknown(name) from None
-
-
-def _catalog_fields(name: str, info) -> tuple[str, tuple[str, ...]]:
-    keys = info.supervised_keys
-    if isinstance(keys, tuple) and len(keys) == 2 and all(isinstance(k, str) for k in keys) \
-            and keys[0] != keys[1]:
-        return "seq2seq", keys
-    features = info.features
-    names = list(features.keys()) if hasattr(features, "keys") else []
-    if "text" in names:
-        return "lm", ("text",)
-    texts = [n for n in names if type(features[n]).__name__ == "Text"]
-    if len(texts) == 1:
-        return "lm", (texts[0],)
-    raise ValueError(f"dataset {name!r} has no single text feature (features: {names}, "
-                     f"supervised_keys: {keys}); fmzoo reads text (LM) or (source, target) "
-                     "text pairs (seq2seq) only")
-
-
-def _not_prepared(name: str, dirs: Sequence[str]) -> FileNotFoundError:
-    return FileNotFoundError(
-        f"dataset {name!r} is not prepared as ArrayRecord in {' or '.join(dirs)}, and fmzoo "
-        "does not download catalog datasets. Prepare it once on a machine with network "
-        "access (TFDS's generation of most catalog datasets also needs TensorFlow: pip "
-        "install tensorflow tensorflow-datasets):\n"
-        f"    tfds build {name} --data_dir={dirs[0]} --file_format=array_record\n"
-        "then copy that directory here or point data_dir / $FMZOO_DATA_DIR at it. "
-        "A copy prepared as TFRecord converts with `tfds convert_format "
-        "--dataset_version_dir=<dir>/<name>/<config>/<version> --out_file_format=array_record`."
-        f" The embedded datasets need none of this: {', '.join(EMBEDDED)}.")
 
 
 def _split_base(split: str) -> str:
@@ -143,74 +119,154 @@ def _check_split(name: str, split: str, info) -> None:
 
 
 def _embedded_source(name: str, split: str, data_dir: str, builder_kwargs: dict):
-    from fmzoo.train import datasets
-    if name.startswith("algorithmic/") and name not in EMBEDDED:
-        raise _unknown(name)
+    spec = _embedded_spec(name)
     with _quiet_absl():
         builder = datasets.prepare_embedded(name, data_dir, **builder_kwargs)
     _check_split(name, split, builder.info)
-    kind = _KINDS[name]
-    fields = ("text",) if kind == "lm" else ("source", "target")
+    fields = ("text",) if spec.kind == "lm" else ("source", "target")
     return ExampleSource(builder.as_data_source(split=split), name=name, split=split,
-                         kind=kind, fields=fields, info=builder.info)
+                         kind=spec.kind, fields=fields, info=builder.info)
+
+
+def _user_source(path: str, split: str, data_dir: str, builder_kwargs: dict):
+    from fmzoo.train import text_data
+    _no_options(path, builder_kwargs)
+    with _quiet_absl():
+        builder = text_data.prepare_user_text(path, data_dir)
+    _check_split(path, split, builder.info)
+    return ExampleSource(builder.as_data_source(split=split), name=path, split=split,
+                         kind="lm", fields=("text",), info=builder.info)
 
 
 def _catalog_source(name: str, split: str, data_dir: str | None, builder_kwargs: dict):
+    _no_options(name, builder_kwargs)
     with _quiet_absl():
-        return _open_catalog(name, split, data_dir, builder_kwargs)
+        records, kind, fields, info = catalog_lib.open_split(
+            name, split, _catalog_dirs(data_dir), _unknown, EMBEDDED, _check_split)
+    return ExampleSource(records, name=name, split=split, kind=kind, fields=fields, info=info)
 
 
-def _open_catalog(name: str, split: str, data_dir: str | None, builder_kwargs: dict):
-    if builder_kwargs:
-        raise ValueError(f"builder options {sorted(builder_kwargs)} apply to the embedded "
-                         f"datasets only ({', '.join(EMBEDDED)}), not to {name!r}")
+def _catalog_dirs(data_dir: str | None) -> list[str]:
     import tensorflow_datasets as tfds
-    dirs = [data_dir] if data_dir else [default_data_dir(), str(tfds.core.constants.DATA_DIR)]
-    builders = [_catalog_builder(name, d) for d in dirs]
-    ready = [b for b in builders if b.is_prepared()]
-    builder = (ready or builders)[0]
-    kind, fields = _catalog_fields(name, builder.info)
-    try:
-        records = builder.as_data_source(split=split)
-    except Exception as e:  # noqa: BLE001 - re-raised below with the fix
-        if not ready:
-            raise _not_prepared(name, dirs) from e
-        if str(builder.info.file_format) != str(tfds.core.FileFormat.ARRAY_RECORD):
-            raise ValueError(
-                f"dataset {name!r} in {builder.data_dir} is stored as "
-                f"{builder.info.file_format}; fmzoo reads ArrayRecord. Convert it with "
-                f"`tfds convert_format --dataset_version_dir={builder.data_dir} "
-                "--out_file_format=array_record`") from e
-        _check_split(name, split, builder.info)
-        raise
-    return ExampleSource(records, name=name, split=split, kind=kind, fields=fields,
-                         info=builder.info)
+    return [data_dir] if data_dir else [default_data_dir(), str(tfds.core.constants.DATA_DIR)]
+
+
+def _no_options(name: str, options: dict) -> None:
+    if options:
+        raise ValueError(f"builder options {sorted(options)} apply to the embedded "
+                         f"datasets only ({', '.join(EMBEDDED)}), not to {name!r}")
+
+
+# Families of embedded names: "algorithmic/foo" is a typo to report, not a catalog name.
+_FAMILIES = tuple(sorted({n.split("/")[0] + "/" for n in REGISTRY if "/" in n}))
+
+
+def _embedded_spec(name: str) -> DatasetSpec:
+    if name not in REGISTRY:
+        raise _unknown(name)
+    return REGISTRY[name]
+
+
+def is_embedded(name: str) -> bool:
+    """True for a registered embedded name (and for a typo inside an embedded family, which
+    load_source then reports with the close names)."""
+    return name in REGISTRY or name.startswith(_FAMILIES)
+
+
+def user_data_path(name: str) -> str | None:
+    """The file or directory `name` names as user data, or None for a dataset name.
+
+    Embedded names win; then anything that exists on disk, or looks like a path (starts with
+    /, ./, ../ or ~, or ends in a text suffix such as .txt or .jsonl), is user data; every
+    other name is a TFDS catalog name. A path that looks like one but does not exist ->
+    FileNotFoundError."""
+    from fmzoo.train import text_data
+    if is_embedded(name):
+        return None
+    path = os.path.expanduser(name)
+    if os.path.exists(path):
+        return path
+    if name.startswith(("/", "./", "../", "~")) or \
+            os.path.splitext(name)[1].lower() in text_data.ALL_SUFFIXES:
+        raise FileNotFoundError(
+            f"data path {name!r} does not exist; --data takes a text file, a directory of "
+            "text files or a JSONL file with a \"text\" field, or a dataset name "
+            f"({', '.join(EMBEDDED)} or a TFDS catalog name)")
+    return None
+
+
+def _check_name(name) -> None:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"dataset name must be a non-empty string, got {name!r}")
 
 
 def load_source(name: str, split: str = "train", *, data_dir: str | None = None,
                 **builder_kwargs) -> ExampleSource:
     """Random-access examples of dataset `name`, building an embedded one on first use.
 
+    `name` may also be user data (a text file, directory or JSONL file; see
+    train/text_data.py), prepared into data_dir once and again whenever it changes.
     builder_kwargs (embedded only): algorithmic/* take min_len, max_len, num_train, num_test,
     seed; python_docs takes max_files. Unknown name -> ValueError listing the embedded
     datasets and close names; catalog dataset not prepared -> FileNotFoundError with the
     command that prepares it."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"dataset name must be a non-empty string, got {name!r}")
-    if name in EMBEDDED or name.startswith("algorithmic/"):
+    _check_name(name)
+    if is_embedded(name):
         return _embedded_source(name, split, data_dir or default_data_dir(), builder_kwargs)
+    path = user_data_path(name)
+    if path is not None:
+        return _user_source(path, split, data_dir or default_data_dir(), builder_kwargs)
     return _catalog_source(name, split, data_dir, builder_kwargs)
 
 
-def dataset_kind(name: str, *, data_dir: str | None = None) -> str:
-    """'lm' or 'seq2seq' (catalog: seq2seq when supervised_keys name two different features)."""
-    if name in _KINDS:
-        return _KINDS[name]
-    if name.startswith("algorithmic/"):
-        raise _unknown(name)
+def dataset_kind(name: str, data_dir: str | None = None) -> str:
+    """'lm' or 'seq2seq' (catalog: seq2seq when supervised_keys name two different features;
+    user data: lm). Unknown names raise here, before any work."""
+    _check_name(name)
+    if is_embedded(name):
+        return _embedded_spec(name).kind
+    if user_data_path(name) is not None:
+        return "lm"
     with _quiet_absl():
-        builder = _catalog_builder(name, data_dir or default_data_dir())
-        return _catalog_fields(name, builder.info)[0]
+        builder = catalog_lib.builder(name, data_dir or default_data_dir(), _unknown, EMBEDDED)
+        return catalog_lib.fields(name, builder.info)[0]
+
+
+def eval_split(name: str, data_dir: str | None = None, **options) -> str | None:
+    """The held-out split of dataset `name` ('validation', 'test', ...), None if it has none.
+
+    Embedded datasets answer from the registry without building anything; user data is
+    prepared (once) to learn whether it was large enough for a validation split; a catalog
+    dataset answers with the first of 'validation', 'test' it has."""
+    _check_name(name)
+    if is_embedded(name):
+        return _embedded_spec(name).eval_split
+    if user_data_path(name) is not None:
+        splits = load_source(name, "train", data_dir=data_dir, **options).info.splits
+        return "validation" if "validation" in splits else None
+    for split in ("validation", "test"):
+        try:
+            load_source(name, split, data_dir=data_dir, **options)
+            return split
+        except ValueError as e:  # "has no split" (not prepared raises FileNotFoundError)
+            if "has no split" not in str(e):
+                raise
+    return None
+
+
+def default_options(name: str) -> dict[str, Any]:
+    """The builder options dataset `name` accepts, with their defaults ({} if none)."""
+    return dict(_embedded_spec(name).options) if is_embedded(name) else {}
+
+
+def describe() -> str:
+    """One line per embedded dataset, plus the other kinds of --data, for help texts."""
+    lines = [f"{n}: {s.about}" for n, s in REGISTRY.items()]
+    lines.append("PATH: a text file, a directory of text files or a JSONL file with a "
+                 "\"text\" field (LM)")
+    lines.append("NAME: a TFDS catalog dataset prepared as ArrayRecord (lm1b, "
+                 "wmt14_translate/de-en, ...)")
+    return "\n".join(lines)
 
 
 def as_source(data, kind: str, *, split: str = "train", data_dir: str | None = None,
@@ -280,7 +336,15 @@ def lm_batches(name_or_source, tokenizer=None, *, batch_size: int, seq_len: int,
         shuffle=shuffle, num_epochs=num_epochs, shard_index=shard_index,
         shard_count=shard_count, num_threads=num_threads,
         spec={"dataset": src.name, "split": split, "tokenizer": getattr(tok, "kind", "?"),
-              **{k: builder_kwargs[k] for k in sorted(builder_kwargs)}})
+              **_version(src), **{k: builder_kwargs[k] for k in sorted(builder_kwargs)}})
+
+
+def _version(src) -> dict:
+    """User data carries its files' fingerprint (the builder config name) in the pipeline
+    spec, so resuming after the files changed is refused instead of silently continuing."""
+    if src.info is None or user_data_path(src.name) is None:
+        return {}
+    return {"data_version": src.info.config_name}
 
 
 def seq2seq_batches(name_or_source, tokenizer=None, *, batch_size: int, src_len: int,

@@ -23,11 +23,26 @@ def _plain(v: Any) -> Any:
 
 
 def read_metrics(workdir: str) -> list[dict]:
+    """The rows of DIR/metrics.jsonl. A torn last line (a run killed while writing it) is
+    dropped; an unreadable line elsewhere is an error naming the line."""
     path = os.path.join(workdir, METRICS_FILE)
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+    rows = []
+    for n, (i, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            if n == len(lines) - 1:
+                break  # torn by a kill mid-write; the resumed run writes that step again
+            raise ValueError(f"{path} line {i} is not a metrics row ({e}); delete that line "
+                             "or the file to continue") from None
+        rows.append(row)
+    return rows
 
 
 def truncate_metrics(workdir: str, last_step: int) -> None:

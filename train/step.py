@@ -31,6 +31,26 @@ def _grads_one(loss_fn: LossFn, params, batch, rng):
     return grads, metrics
 
 
+# The one token-weighted reduction, shared by microbatch accumulation (a scan) and the pmap
+# step (a psum over devices): each part contributes tokens * (grads, metrics); the sum is
+# divided by the total tokens. metrics["tokens"] is the weight and is summed; every other
+# metric is a per-token mean.
+
+
+def weigh(grads: Any, metrics: dict) -> tuple[Any, dict]:
+    """One part's (grads, metrics) multiplied by its token count (tokens itself stays)."""
+    n = metrics["tokens"]
+    return (jax.tree.map(lambda g: n * g, grads),
+            {k: v if k == "tokens" else n * v for k, v in metrics.items()})
+
+
+def normalise(grad_sum: Any, metric_sum: dict) -> tuple[Any, dict]:
+    """Summed weighted parts -> token-mean grads and metrics (a part-free batch gives 0)."""
+    denom = jnp.maximum(metric_sum["tokens"], 1.0)
+    return (jax.tree.map(lambda g: g / denom, grad_sum),
+            {k: v if k == "tokens" else v / denom for k, v in metric_sum.items()})
+
+
 def accumulate_gradients(loss_fn: LossFn, params: Any, batch: dict, rng: jax.Array,
                          accum_steps: int = 1, mesh: Mesh | None = None) -> tuple[Any, dict]:
     """Token-mean gradients and metrics over `accum_steps` microbatches (a lax.scan)."""
@@ -50,23 +70,18 @@ def accumulate_gradients(loss_fn: LossFn, params: Any, batch: dict, rng: jax.Arr
         return x_MB
 
     micro = jax.tree.map(split, batch)
-    zeros = jax.tree.map(jnp.zeros_like, params)
 
-    def body(carry, xs):
-        grad_sum, loss_sum, correct_sum, tokens = carry
-        i, mb = xs
-        g, m = _grads_one(loss_fn, params, mb, jax.random.fold_in(rng, i))
-        n = m["tokens"]
-        grad_sum = jax.tree.map(lambda a, b: a + n * b, grad_sum, g)
-        return (grad_sum, loss_sum + n * m["loss"], correct_sum + n * m["accuracy"],
-                tokens + n), None
+    def part(i, mb):
+        return weigh(*_grads_one(loss_fn, params, mb, jax.random.fold_in(rng, i)))
 
-    init = (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros(()))
-    (grad_sum, loss_sum, correct_sum, tokens), _ = jax.lax.scan(
-        body, init, (jnp.arange(accum_steps), micro))
-    denom = jnp.maximum(tokens, 1.0)
-    grads = jax.tree.map(lambda g: g / denom, grad_sum)
-    return grads, {"loss": loss_sum / denom, "accuracy": correct_sum / denom, "tokens": tokens}
+    first = jax.tree.map(lambda x_MB: x_MB[0], micro)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(part, 0, first))
+
+    def body(total, xs):
+        return jax.tree.map(jnp.add, total, part(*xs)), None
+
+    total, _ = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), micro))
+    return normalise(*total)
 
 
 def _key(state: TrainState) -> jax.Array:
@@ -81,7 +96,9 @@ def _global_norm(tree) -> jax.Array:
 def _apply(tx: optax.GradientTransformation, state: TrainState, grads, metrics) -> tuple:
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {**metrics, "grad_norm": _global_norm(grads)}
+    # param_norm beside grad_norm: a finite loss can come with a non-finite update, and
+    # the caller must be able to refuse to save such a state
+    metrics = {**metrics, "grad_norm": _global_norm(grads), "param_norm": _global_norm(params)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -124,6 +141,11 @@ def _in_mesh(fn: Callable, mesh: Mesh) -> Callable:
     def call(*args):
         with sharding_context(mesh):
             return fn(*args)
+
+    def lower(*args):  # step.lower(state, batch).compile().as_text(): what really runs
+        with sharding_context(mesh):
+            return fn.lower(*args)
+    call.lower = lower
     return call
 
 
@@ -170,17 +192,12 @@ def make_pmap_step(loss_fn: LossFn, tx: optax.GradientTransformation, *,
                    accum_steps: int = 1, axis_name: str = "batch",
                    devices: list | None = None, donate: bool = True) -> StepFn:
     """The classic data-parallel step: replicated state, per-device batch shard [N, B/N, ...],
-    gradients averaged with `lax.pmean` (weighted by each device's target tokens)."""
+    gradients and metrics combined across devices by the same token-weighted reduction as
+    microbatches (`weigh`, a `lax.psum`, `normalise`)."""
     def train_step(state: TrainState, batch: dict):
         rng = jax.random.fold_in(_key(state), jax.lax.axis_index(axis_name))
-        grads, metrics = accumulate_gradients(loss_fn, state.params, batch, rng, accum_steps)
-        n = metrics["tokens"]
-        total = jax.lax.pmean(n, axis_name)
-        scale = n / jnp.maximum(total, 1e-9)  # this device's share of the tokens, times N
-        grads = jax.lax.pmean(jax.tree.map(lambda g: g * scale, grads), axis_name)
-        metrics = {"loss": jax.lax.pmean(metrics["loss"] * scale, axis_name),
-                   "accuracy": jax.lax.pmean(metrics["accuracy"] * scale, axis_name),
-                   "tokens": jax.lax.psum(n, axis_name)}
+        parts = weigh(*accumulate_gradients(loss_fn, state.params, batch, rng, accum_steps))
+        grads, metrics = normalise(*jax.lax.psum(parts, axis_name))
         return _apply(tx, state, grads, metrics)
 
     return jax.pmap(train_step, axis_name=axis_name, devices=devices,

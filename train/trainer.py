@@ -1,0 +1,380 @@
+"""The Trainer every training command runs on: state, compiled step, evaluation, logging,
+checkpoints and the run record of one workdir.
+
+A command (pretraining, sft, dpo, ...) brings a `Task`: a pure loss
+`(params, batch, rng) -> (loss, metrics)` whose metrics hold 'loss' and 'tokens' (the
+token count it averaged over; steps and evaluation weight by it), a batch iterator with
+get_state / set_state, a factory of held-out batches, and optional hooks for extra metrics
+and a sample. Everything that can be checked (mesh, batch split, workdir, resume step) is
+checked when the Trainer is made, before anything is written; `run()` then holds the
+workdir lock for the whole run.
+
+A state is saved only after its loss, gradient norm and params were seen finite, so the
+latest checkpoint is always one a run can continue from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import itertools
+import math
+import os
+import time
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import checkpoint as ckpt_lib
+from .config import Settings, check_resume, config_error
+from .losses import LossFn
+from .mesh import check_batch_size, make_mesh, put_batch
+from .metrics import MetricsWriter, truncate_metrics
+from .optim import lr_schedule, make_optimizer
+from .state import create_train_state, sharded_init, state_shapes, state_shardings
+from .step import (make_eval_step, make_pmap_step, make_train_step, replicate, shard_batch,
+                   unreplicate)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss, the gradients or the updated params became NaN or Inf."""
+
+
+@dataclasses.dataclass
+class Task:
+    """What a training command brings to the Trainer."""
+    loss_fn: LossFn  # training loss (dropout on)
+    batches: Any  # iterator of host batches (this process's rows), with get_state/set_state
+    eval_loss_fn: LossFn | None = None  # deterministic loss; None: loss_fn with rng=None
+    eval_batches: Callable[[], Iterable[dict]] | None = None  # fresh GLOBAL held-out batches
+    metrics: Callable[[dict], dict] | None = None  # extra values for a logged train row
+    eval_metrics: Callable[[dict], dict] | None = None  # extra values for an eval row
+    sample: Callable[[Any, dict], str | None] | None = None  # (params, first eval batch)
+    no_eval_reason: str = "no held-out split"
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]
+    return jnp.stack(leaves).all() if leaves else jnp.array(True)
+
+
+def _place(x, sharding) -> jax.Array:
+    """A host copy laid out by `sharding`; every process holds the same loaded weights, so
+    each fills in its own shards (device_put cannot cross processes)."""
+    host = np.asarray(jax.device_get(x))
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def _config_suspects(config: Any) -> str:
+    """The model config fields that commonly make a fresh model produce NaN or Inf."""
+    checks = {"norm_eps": lambda v: v <= 0, "rope_theta": lambda v: v <= 0,  # 0: x / 0
+              "init_std": lambda v: v <= 0 or v > 1, "dtype": lambda v: v == "float16"}
+    shown = [f"{k}={getattr(config, k)!r}" for k in checks if hasattr(config, k)]
+    bad = [f"{k}={getattr(config, k)!r}" for k, bad in checks.items()
+           if hasattr(config, k) and bad(getattr(config, k))]
+    return (f"suspicious: {', '.join(bad)}" if bad else
+            f"check the overrides ({', '.join(shown)})")
+
+
+class Trainer:
+    """Runs `task` under `settings` for model `config`; see the module docstring. `task` may
+    be a function returning the Task, called once the settings passed every check here (so a
+    bad flag never waits for a dataset to be prepared)."""
+
+    def __init__(self, settings: Settings, config: Any, task: Task | Callable[[], Task], *,
+                 init_params: Any = None, init_info: dict | None = None,
+                 tokenizer: Any = None, stop_after: int | None = None):
+        self.settings, self.config, self.task = settings, config, task
+        self.tokenizer, self.stop_after = tokenizer, stop_after
+        self.init_params, self.init_info = init_params, init_info or {}
+        s = settings
+        self.workdir = os.path.abspath(os.path.expanduser(s.run.workdir))
+        self.mesh = self._mesh()
+        self.schedule = lr_schedule(s.optim.lr, s.run.steps, s.optim.warmup)
+        self.tx = make_optimizer(s.optim.lr, s.run.steps, warmup_steps=s.optim.warmup,
+                                 weight_decay=s.optim.weight_decay, clip_norm=s.optim.clip_norm)
+        self.resume = self._open_workdir()
+        self.ckpt: ckpt_lib.Checkpointer | None = None
+        if not isinstance(task, Task):  # a factory: build the data only once all else is valid
+            self.task = task()
+        self.tokens_seen = 0
+        self.pending: list[tuple[int, dict]] = []
+        self.summary: dict[str, Any] = {"workdir": self.workdir}
+
+    # ------------------------------------------------------------------ checks
+
+    def _mesh(self):
+        s, batch, accum = self.settings, self.settings.data.batch_size, self.settings.optim.accum
+        if s.mesh.pmap:
+            n = jax.local_device_count()
+            if batch % (n * accum * jax.process_count()):
+                raise config_error(f"--pmap: the batch size {batch} must be a multiple of "
+                                   f"{n * jax.process_count()} devices x --accum {accum}")
+            return make_mesh("data=1", jax.local_devices()[:1])  # eval runs on one device
+        mesh = make_mesh(s.mesh.spec)
+        check_batch_size(batch, mesh)
+        per_shard = batch // (mesh.shape["data"] * mesh.shape["fsdp"])
+        if per_shard % accum:
+            raise config_error(f"--accum {accum} must divide the per-shard batch {per_shard}")
+        return mesh
+
+    def _open_workdir(self) -> bool:
+        s, workdir = self.settings, self.workdir
+        if os.path.exists(workdir) and not os.path.isdir(workdir):
+            raise ckpt_lib.CheckpointError(f"--workdir {workdir} is a file; pass a directory")
+        ckpt_dir = os.path.join(workdir, ckpt_lib.CKPT_DIR)
+        if s.run.resume:
+            run = ckpt_lib.read_run_file(workdir)
+            if run["config"] != self.config:
+                raise config_error(
+                    f"--resume: the model differs from the one in "
+                    f"{os.path.join(workdir, ckpt_lib.RUN_FILE)} ("
+                    f"{ckpt_lib.config_diff(run['model_config'], self.config.to_dict())}); "
+                    "use the same --model and overrides, or a new workdir")
+            was = run.get("settings", {}).get("optim", {}).get("clip_norm")
+            if was is not None and (was > 0) != (s.optim.clip_norm > 0):
+                raise config_error(  # clipping adds a state to the optimizer
+                    f"--resume --clip-norm {s.optim.clip_norm:g}: the checkpoint's optimizer "
+                    f"{'clips' if was > 0 else 'does not clip'} (--clip-norm {was:g}); "
+                    "keep clipping on or off as the run started")
+        elif ckpt_lib.has_checkpoints(workdir):
+            raise ckpt_lib.CheckpointError(
+                f"{workdir} already holds checkpoints; pass --resume to continue that run, "
+                "or choose a new --workdir")
+        # Read-only here: the Checkpointer (which tidies the directory) opens under the lock.
+        steps = ckpt_lib.committed_steps(ckpt_dir)
+        if s.run.resume and not steps:
+            raise ckpt_lib.CheckpointError(
+                f"--resume: no checkpoint in {ckpt_dir}; start without --resume")
+        if s.run.resume:
+            check_resume(s, steps[-1])
+        return s.run.resume
+
+    def _checkpointer(self) -> ckpt_lib.Checkpointer:
+        c = self.settings.checkpoint
+        return ckpt_lib.Checkpointer(self.workdir, keep=c.keep, async_save=c.async_save)
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self) -> dict:
+        """Trains (or resumes) to settings.run.steps; returns a summary of the last values."""
+        import tqdm
+        s = self.settings
+        with ckpt_lib.workdir_lock(self.workdir):  # a second live run is refused here
+            os.makedirs(self.workdir, exist_ok=True)
+            self.ckpt = self._checkpointer()
+            start = self.ckpt.latest_step() if self.resume else None  # latest intact step
+            if self.resume and start is None:
+                self.ckpt.close()
+                raise ckpt_lib.CheckpointError(f"--resume: no intact checkpoint in "
+                                               f"{self.ckpt.directory}; start a new workdir")
+            self.writer = MetricsWriter(self.workdir)
+            self.bar = tqdm.tqdm(total=s.run.steps, initial=start or 0, desc="train",
+                                 unit="step", dynamic_ncols=True,
+                                 disable=not s.run.progress or jax.process_index() != 0)
+            try:
+                self._loop(self._start(start))
+            finally:
+                self.bar.close()
+                self.writer.close()
+                self.ckpt.close()
+        self.summary["tokens_seen"] = self.tokens_seen
+        return self.summary
+
+    def _loop(self, state) -> None:
+        s = self.settings
+        for step in range(self.summary["start_step"] + 1, s.run.steps + 1):
+            state, metrics = self.step_fn(state, self.feed(next(self.task.batches)))
+            if step == self.summary["start_step"] + 1:  # compile time is not throughput
+                jax.block_until_ready(metrics)
+                self.clock = time.perf_counter()
+            self.pending.append((step, metrics))
+            self.bar.update(1)
+            last = step == s.run.steps or step == self.stop_after
+            save = step == s.run.steps or step % s.checkpoint.save_every == 0
+            evaluate = step == s.run.steps or (s.eval.every and step % s.eval.every == 0)
+            if last or save or evaluate or step % s.run.log_every == 0:
+                self.log(step)  # raises TrainingDiverged before a bad state can be saved
+            if save:
+                self.save(state, step)
+            if evaluate:
+                self.evaluate(step, self.host(state).params)
+            if last:
+                break
+
+    # ------------------------------------------------------------------ pieces
+
+    def _start(self, start: int | None):
+        """The state to train from (fresh, from given weights, or the latest checkpoint),
+        the compiled step for it, and the run record."""
+        s, config = self.settings, self.config
+        shapes = state_shapes(config, self.tx, s.run.seed)
+        if start is None:
+            if self.init_params is None:
+                state, shardings = sharded_init(config, self.tx, self.mesh, s.run.seed)
+            else:
+                shardings = state_shardings(config, shapes, self.mesh, self.tx)
+                state = self._init_from(self.init_params, shapes, shardings)
+            self.init_params = None  # the state owns them now
+            if self.tokenizer is not None and jax.process_index() == 0:
+                self.tokenizer.save(os.path.join(self.workdir, ckpt_lib.TOKENIZER_DIR))
+            start = 0
+        else:
+            shardings = state_shardings(config, shapes, self.mesh, self.tx)
+            state = self._restore(start, ckpt_lib.abstract_like(shapes, shardings))
+        truncate_metrics(self.workdir, start)  # a resumed run logs those steps again
+        self._record_run(start)
+        self.summary["start_step"] = start
+        state = self._compile(state, shardings)
+        self.clock = time.perf_counter()
+        return state
+
+    def _init_from(self, params, shapes, shardings):
+        """A fresh optimizer state around given weights (continued pretraining)."""
+        diff = ckpt_lib.describe_mismatch(shapes.params, params)
+        if diff:
+            raise ckpt_lib.CheckpointError(f"the starting weights do not fit the model: {diff}")
+        finite = jax.device_get(jax.tree.map(lambda x: jnp.isfinite(x).all(), params))
+        bad = [jax.tree_util.keystr(k) for k, ok in
+               jax.tree_util.tree_flatten_with_path(finite)[0] if not ok]
+        if bad:
+            raise ckpt_lib.CheckpointError(
+                f"the starting weights ({self.init_info.get('source', 'given')}) hold NaN or "
+                f"Inf in {', '.join(bad[:4])}; start from another checkpoint or a preset")
+        dtypes = jax.tree.map(lambda x: x.dtype, shapes.params)
+        make = lambda p: create_train_state(  # noqa: E731
+            jax.tree.map(lambda x, d: x.astype(d), p, dtypes), self.tx, self.settings.run.seed)
+        params = jax.tree.map(_place, params, shardings.params)
+        return jax.jit(make, out_shardings=shardings)(params)
+
+    def _restore(self, step: int, target):
+        # the checkpointer also moves the batch iterator to its saved position
+        state, meta = self.ckpt.restore(step, target, self.config, data_iter=self.task.batches)
+        self.tokens_seen = int(meta.get("tokens_seen", 0))
+        return state
+
+    def _record_run(self, start: int) -> None:
+        """DIR/fmzoo_run.json: model config, settings, starting weights, and one entry per
+        invocation (a resumed run appends the settings it ran with)."""
+        if jax.process_index() != 0:
+            return
+        path = os.path.join(self.workdir, ckpt_lib.RUN_FILE)
+        history = []
+        if start and os.path.exists(path):
+            history = list(ckpt_lib.read_run_file(self.workdir).get("history", []))
+        stored = self.settings.stored()
+        history.append({"start_step": start, "settings": stored,
+                        "time": datetime.datetime.now(datetime.timezone.utc).isoformat()})
+        record = {"format": ckpt_lib.RUN_FORMAT, "model_config": self.config.to_dict(),
+                  "settings": stored, "history": history}
+        if start:
+            record["init"] = ckpt_lib.read_run_file(self.workdir).get("init", {})
+        else:
+            record["init"] = self.init_info
+        ckpt_lib.write_json_atomic(path, record)
+
+    def _compile(self, state, shardings):
+        s = self.settings
+        eval_loss = self.task.eval_loss_fn or (lambda p, b, rng: self.task.loss_fn(p, b, None))
+        self.eval_step = make_eval_step(eval_loss, self.mesh, shardings.params)
+        if s.mesh.pmap:
+            n_dev = jax.local_device_count()
+            self.step_fn = make_pmap_step(self.task.loss_fn, self.tx, accum_steps=s.optim.accum)
+            self.feed = lambda b: shard_batch(b, n_dev)
+            self.host = lambda st: jax.device_put(unreplicate(st), shardings)
+            return replicate(state)
+        self.step_fn = make_train_step(self.task.loss_fn, self.tx, self.mesh, shardings,
+                                       accum_steps=s.optim.accum)
+        self.feed = lambda b: put_batch(b, self.mesh)
+        self.host = lambda st: st
+        return state
+
+    def log(self, step: int) -> None:
+        """Writes the pending train rows, each checked for divergence, with throughput."""
+        rows = [(s, {k: float(np.asarray(v).reshape(-1)[0]) for k, v in m.items()})
+                for s, m in jax.device_get(self.pending)]
+        self.pending.clear()
+        elapsed = time.perf_counter() - self.clock
+        timed = [m["tokens"] for s, m in rows if s > self.summary["start_step"] + 1]
+        speed = {"tokens_per_s": sum(timed) / elapsed} if timed and elapsed > 0 else {}
+        for s, m in rows:
+            self._check_finite(s, m)
+            self.tokens_seen += int(m.pop("tokens"))
+            m.update(tokens_seen=self.tokens_seen, lr=float(self.schedule(s - 1)), **speed)
+            m.update(self.task.metrics(m) if self.task.metrics else {})
+            self.writer.write(s, m)
+            self.summary.update(step=s, loss=m["loss"], **speed)
+        if rows:
+            self.bar.set_postfix(loss=f"{self.summary['loss']:.3f}",
+                                 tok_s=f"{self.summary.get('tokens_per_s', 0):.0f}")
+        self.clock = time.perf_counter()
+
+    def _check_finite(self, step: int, m: dict) -> None:
+        bad = {k: m[k] for k in ("loss", "grad_norm", "param_norm")
+               if k in m and not math.isfinite(m[k])}
+        if bad:
+            raise TrainingDiverged(self._divergence_message(step, bad))
+
+    def _divergence_message(self, step: int, bad: dict) -> str:
+        o = self.settings.optim
+        what = ", ".join(f"{k} {v}" for k, v in bad.items())
+        last = self.ckpt.latest_step()
+        kept = (f"the last good checkpoint (step {last}) in {self.ckpt.directory} is intact"
+                if last is not None else "no checkpoint had been written yet")
+        if step == 1 and set(bad) & {"loss", "grad_norm"}:
+            source = self.init_info.get("source")
+            model = (f"the model with its starting weights ({source})" if source and
+                     self.init_info.get("kind") != "preset" else "the model itself")
+            return (f"{what} at step 1, before any update: {model} produces non-finite "
+                    f"values, so the learning rate is not the cause; "
+                    f"{_config_suspects(self.config)}. Nothing was saved")
+        return (f"non-finite values at step {step} ({what}); stopping without saving. {kept}. "
+                f"Lower --lr (now {o.lr:g}), raise --warmup (now {o.warmup}) or set "
+                f"--clip-norm (now {o.clip_norm:g}), then --resume")
+
+    def save(self, state, step: int) -> None:
+        """Saves `state` after checking its params are finite (a NaN never reaches disk)."""
+        host = self.host(state)
+        if not bool(_all_finite(host.params)):
+            raise TrainingDiverged(self._divergence_message(step, {"params": float("nan")}))
+        meta = {"model_config": self.config.to_dict(), "tokens_seen": self.tokens_seen,
+                "step": step}
+        self.ckpt.save(host, meta, data_iter=self.task.batches)
+        self.clock = time.perf_counter()
+
+    def evaluate(self, step: int, params) -> None:
+        """Token-weighted means of the eval loss's metrics over settings.eval.batches global
+        batches; every process feeds its own rows, so the result does not depend on the
+        number of processes."""
+        import tqdm
+        s, task = self.settings, self.task
+        if task.eval_batches is None:
+            tqdm.tqdm.write(f"step {step}: no eval ({task.no_eval_reason})")
+            return
+        rows = s.data.batch_size // jax.process_count()
+        mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
+        sums: dict[str, float] = {}
+        tokens, first = 0.0, None
+        for batch in itertools.islice(task.eval_batches(), s.eval.batches):
+            first = batch if first is None else first
+            part = put_batch({k: v[mine] for k, v in batch.items()}, self.mesh)
+            m = {k: float(v) for k, v in jax.device_get(self.eval_step(params, part)).items()}
+            n = m.pop("tokens")
+            tokens += n
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + v * n
+        out = {f"eval_{k}": v / max(tokens, 1.0) for k, v in sums.items()}
+        out.update(task.eval_metrics(out) if task.eval_metrics else {})
+        self.writer.write(step, out)
+        self.summary.update(out)
+        sample = task.sample(params, first) if task.sample and first is not None else None
+        if jax.process_index() == 0:
+            tqdm.tqdm.write(f"step {step}: eval loss {out.get('eval_loss', float('nan')):.4f}"
+                            + (f"\n  sample: {sample!r}" if sample else ""))
+        if sample:
+            self.writer.text(step, "sample", sample)
+            self.summary["sample"] = sample
+        self.clock = time.perf_counter()
