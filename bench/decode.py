@@ -82,9 +82,9 @@ def bench_preset(name, args):
     import jax.numpy as jnp
     import numpy as np
 
-    from fmzoo.infer import cache_bytes, generate
+    from fmzoo.infer import generate
     from fmzoo.infer.generate import plan
-    from fmzoo.infer.engine import make_engine
+    from fmzoo.models.cache import cache_bytes
     from fmzoo.models import build, count_params, get_config, init
     from fmzoo.models.attention import choose_impl
 
@@ -146,8 +146,8 @@ def bench_preset(name, args):
             buf[:, ctx - args.new + t] = nxt
         match = all(buf[b, ctx - args.new:ctx - args.new + steps].tolist() == tokens[b][:steps]
                     for b in range(B))
-        slots = plan(make_engine(model), prompt, args.new)[3]
-        kv_ctx = cache_bytes(config, B, ctx)
+        slots = plan(model, prompt, args.new).slots
+        kv_ctx = cache_bytes(model, B, ctx)
         tok_s = B * 1e3 / cached_ms
         row["contexts"][ctx] = dict(
             cached_ms=cached_ms, naive_ms=1e3 * statistics.median(naive),

@@ -73,6 +73,8 @@ def load(source: str, *, mesh: Any = None, dtype: str | None = None, rng: Any = 
     closest names, and for a workdir or Hugging Face dir so is any field that changes a
     parameter's shape. `rng` (an int seed or a key; default 0) seeds the random init of a
     preset; it is refused for stored weights, which it could not change.
+    The result's `.generation` (GenerationDefaults) holds the EOS id list and the sampling
+    defaults of a Hugging Face dir's generation_config.json (greedy + the config's eos else).
     """
     from fmzoo.models.config import ConfigError, resolve_dtype
 

@@ -65,7 +65,8 @@ def export(source: str, out: str, *, force: bool = False, dtype: str | None = No
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary dir
-        to_hf(loaded.params, loaded.config, tmp, tokenizer=loaded.tokenizer)
+        to_hf(loaded.params, loaded.config, tmp, tokenizer=loaded.tokenizer,
+              generation=loaded.generation)
         if os.path.exists(out):  # empty, or --force: move the old one aside, then delete it
             old = tmp + ".old"
             os.rename(out, old)
@@ -81,6 +82,6 @@ def export(source: str, out: str, *, force: bool = False, dtype: str | None = No
 
 def run(args) -> int:
     out = export(args.model, args.out, force=args.force, dtype=args.dtype)
-    print(f"wrote {out} (config.json, model.safetensors); load it with "
+    print(f"wrote {out} (config.json, generation_config.json, model.safetensors); load it with "
           f"transformers.AutoModelForCausalLM.from_pretrained({out!r})", file=sys.stderr)
     return 0

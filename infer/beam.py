@@ -1,101 +1,139 @@
-"""Beam search inside one lax.while_loop, for decoder-only and seq2seq engines alike.
+"""Beam search as transformers runs it, inside one lax.while_loop over a typed state.
 
-Each prompt keeps W alive beams (no EOS yet) and a pool of W finished hypotheses. At every
-step each alive beam proposes all V next tokens, scored by the beam's summed log-prob plus
-the token's: the EOS proposals compete for the finished pool with their length-penalised
-score, the W best non-EOS proposals become the new alive beams, and the engine's carry (KV
-cache or RNN state) is gathered by the parent beam index. Finished hypotheses score
-    sum of log-probs / (number of new tokens, EOS included) ** length_penalty
-(Hugging Face's rule over the new tokens). The loop stops at max_new_tokens, or once no
-alive beam can still beat the worst finished one of its prompt. Alive beams that reach
-max_new_tokens compete with the finished ones under the same score. With W at least
-(V - 1) ** (max_new_tokens - 1) nothing is ever pruned, so the search is exact.
+Per prompt: W running beams and a pool of W finished hypotheses. Each step:
+  1. every running beam's next-token log-probs (log_softmax, then the history processors:
+     repetition penalty, min_new_tokens) are added to its score;
+  2. the K = max(2, 1 + number of EOS ids) * W best continuations over all beams are taken;
+     a continuation "hits" if its token is an EOS id or it reaches max_new tokens;
+  3. the W best that do not hit become the running beams (the model state is gathered by
+     parent beam);
+  4. a hitting continuation becomes a finished hypothesis only if it ranks among the top W
+     of the K, scored  sum of log-probs / new_tokens ** length_penalty  (EOS included), and
+     enters the pool, which keeps its W best;
+  5. the loop stops when no running beam can beat the worst finished one (transformers'
+     heuristic, which `early_stopping` shapes), when early_stopping=True and every prompt has
+     W finished hypotheses, or when every continuation hits (max_new reached).
+`early_stopping`: True stops a prompt as soon as W hypotheses are finished; False (the
+default) stops when the best running beam, scored at its current length, cannot beat the
+worst finished one; "never" scores it at the longest length it could reach when
+length_penalty > 0 (the canonical beam search). Unfinished slots carry -1e9, as in
+transformers, so the arithmetic (and the result) is the same.
 
-Shape letters: B prompts, W beams per prompt, R = B * W rows of the carry, V vocabulary,
-N capacity of the token buffers (>= max_new_tokens).
+Shape letters: B prompts, W beams per prompt, R = B * W rows of the model state, V
+vocabulary, K candidates per step, N token buffer (>= max_new).
 """
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import jax
 import jax.numpy as jnp
+from flax import struct
 
-from .cache import gather_batch
-from .sampling import log_probs
+from .processors import is_eos, mark_seen, process
 
 Array = jax.Array
-NEG_INF = -jnp.inf
+NEG = -1.0e9  # transformers' "not a candidate" score
 
 
-def _penalty(n: Array, alpha: Array) -> Array:
-    return jnp.power(n.astype(jnp.float32), alpha)
+@struct.dataclass
+class BeamState:
+    i: Array  # int32: new tokens so far
+    carry: Any  # the model's decode state, R rows (beam-major within each prompt)
+    logits_RV: Array  # scores of each running beam's next token
+    seen_RV: Array  # bool: ids in each beam's history (repetition penalty)
+    token_R: Array  # the token each running beam appended last (fed next)
+    run_seq: Array  # int32 [B, W, N] running beams' new tokens, -1 after
+    run_score: Array  # f32 [B, W] running beams' summed log-probs, best first
+    fin_seq: Array  # int32 [B, W, N] finished hypotheses
+    fin_score: Array  # f32 [B, W] their length-penalised scores, best first
+    fin_done: Array  # bool [B, W] slot holds a real finished hypothesis
+    open_B: Array  # bool [B]: a running beam may still beat the finished pool
+    all_hit: Array  # bool: every candidate of the last step finished
 
 
-def _take(x_BW, idx_BK):
-    """x[b, idx_BK[b, k], ...] for every prompt b and slot k (a gather along the beam axis)."""
-    idx = idx_BK.reshape(idx_BK.shape + (1,) * (x_BW.ndim - 2))
-    return jnp.take_along_axis(x_BW, idx, axis=1)
+def _take(x_BW_, idx_BK: Array) -> Array:
+    """x[b, idx[b, k], ...]: a gather along the beam axis."""
+    idx = idx_BK.reshape(idx_BK.shape + (1,) * (x_BW_.ndim - 2))
+    return jnp.take_along_axis(x_BW_, idx, axis=1)
 
 
-def beam_search(engine, params, carry, logits_RV: Array, *, num_beams: int, n_out: int,
-                max_new: Array, eos_id: Array, length_penalty: Array):
-    """Best hypothesis per prompt: (tokens int32 [B, N] padded with -1, scores f32 [B], carry).
+def _penalty(n, alpha: Array) -> Array:
+    return jnp.power(jnp.asarray(n, jnp.float32), alpha)
 
-    `carry` and `logits_RV` come from a prefill over every prompt repeated W times
-    (rows b*W .. b*W+W-1 belong to prompt b).
+
+def beam_search(step: Callable, carry: Any, logits_RV: Array, *, num_beams: int, n_out: int,
+                max_new: Array, eos_E: Array, n_eos: int, length_penalty: Array,
+                early_stopping: bool | str, seen_RV: Array, rep_penalty: Array,
+                min_new: Array):
+    """(best hypothesis per prompt int32 [B, N] padded with -1, its score f32 [B], carry).
+
+    step(carry, token_R) -> (logits_RV, carry) runs the model one token; `carry` and
+    `logits_RV` come from a prefill whose rows b*W .. b*W+W-1 all hold prompt b. n_eos (the
+    number of real ids in eos_E), num_beams, n_out and early_stopping are static.
     """
     W = num_beams
     R, V = logits_RV.shape
     B = R // W
-    alive_logp_BW = jnp.tile(jnp.where(jnp.arange(W) == 0, 0.0, NEG_INF), (B, 1))
-    empty_BWN = jnp.full((B, W, n_out), -1, jnp.int32)
-    state = dict(i=jnp.int32(0), carry=carry, logits_RV=logits_RV, alive_seq=empty_BWN,
-                 alive_logp=alive_logp_BW, fin_seq=empty_BWN,
-                 fin_score=jnp.full((B, W), NEG_INF, jnp.float32))
-    has_eos = eos_id >= 0
-    eos_V = (jnp.arange(V) == eos_id) & has_eos
+    K = max(2, 1 + n_eos) * W
+    early_true = early_stopping is True
+    never = early_stopping == "never"
+    empty = jnp.full((B, W, n_out), -1, jnp.int32)
+    state = BeamState(
+        i=jnp.int32(0), carry=carry, logits_RV=logits_RV, seen_RV=seen_RV,
+        token_R=jnp.zeros((R,), jnp.int32), run_seq=empty,
+        run_score=jnp.tile(jnp.where(jnp.arange(W) == 0, 0.0, NEG), (B, 1)).astype(jnp.float32),
+        fin_seq=empty, fin_score=jnp.full((B, W), NEG, jnp.float32),
+        fin_done=jnp.zeros((B, W), bool), open_B=jnp.ones((B,), bool),
+        all_hit=jnp.bool_(False))
 
-    def cannot_improve(s) -> Array:
-        # A beam's log-prob only falls; its best possible score divides it by the largest
-        # penalty among the lengths still reachable (i + 1 .. max_new).
-        best_alive_B = s["alive_logp"].max(axis=1)
-        reach = jnp.maximum(_penalty(s["i"] + 1, length_penalty),
-                            _penalty(max_new, length_penalty))
-        worst_fin_B = s["fin_score"].min(axis=1)
-        return has_eos & jnp.all(worst_fin_B >= best_alive_B / reach)
+    def cond(s: BeamState) -> Array:
+        full = jnp.all(s.fin_done) & early_true
+        return (s.i < max_new) & jnp.any(s.open_B) & ~full & ~s.all_hit
 
-    def cond(s):
-        return (s["i"] < max_new) & ~cannot_improve(s)
-
-    def body(s):
-        i = s["i"]
-        lp_BWV = s["alive_logp"][..., None] + log_probs(s["logits_RV"]).reshape(B, W, V)
-        # EOS proposals join the finished pool; the pool keeps its W best.
-        eos_score_BW = jnp.where(has_eos, lp_BWV[..., jnp.maximum(eos_id, 0)], NEG_INF)
-        eos_score_BW = eos_score_BW / _penalty(i + 1, length_penalty)
-        eos_seq_BWN = s["alive_seq"].at[:, :, i].set(eos_id)
-        pool_score = jnp.concatenate([s["fin_score"], eos_score_BW], axis=1)
-        pool_seq = jnp.concatenate([s["fin_seq"], eos_seq_BWN], axis=1)
-        fin_score_BW, fin_idx_BW = jax.lax.top_k(pool_score, W)
-        fin_seq_BWN = _take(pool_seq, fin_idx_BW)
-        # Non-EOS proposals: the W best over all beams' continuations stay alive.
-        cont_BWV = jnp.where(eos_V, NEG_INF, lp_BWV)
-        alive_logp_BW, flat_BW = jax.lax.top_k(cont_BWV.reshape(B, W * V), W)
-        parent_BW, token_BW = flat_BW // V, (flat_BW % V).astype(jnp.int32)
-        alive_seq_BWN = _take(s["alive_seq"], parent_BW).at[:, :, i].set(token_BW)
+    def body(s: BeamState) -> BeamState:
+        i = s.i
+        # The first iteration scores the prefill's logits; later ones feed the last tokens
+        # (so the final chosen token is never fed, as in greedy decoding).
+        logits_RV, carry = jax.lax.cond(i > 0, lambda: step(s.carry, s.token_R),
+                                        lambda: (s.logits_RV, s.carry))
+        lp_RV = process(jax.nn.log_softmax(logits_RV.astype(jnp.float32), axis=-1), s.seen_RV,
+                        eos_E, i, rep_penalty, min_new)
+        acc_BWV = lp_RV.reshape(B, W, V) + s.run_score[..., None]
+        top_BK, flat_BK = jax.lax.top_k(acc_BWV.reshape(B, W * V), K)
+        parent_BK, tok_BK = flat_BK // V, (flat_BK % V).astype(jnp.int32)
+        hit_BK = is_eos(tok_BK.reshape(-1), eos_E).reshape(B, K) | (i + 1 >= max_new)
+        cand_seq_BKN = _take(s.run_seq, parent_BK).at[:, :, i].set(tok_BK)
+        # Running beams: the W best continuations that did not finish.
+        run_cand_BK = top_BK + jnp.where(hit_BK, NEG, 0.0)
+        run_score_BW, pick_BW = jax.lax.top_k(run_cand_BK, W)
+        parent_BW, tok_BW = _take(parent_BK, pick_BW), _take(tok_BK, pick_BW)
+        run_seq = _take(cand_seq_BKN, pick_BW)
+        # Finished pool: only hits ranked among the top W of this step may enter.
+        just_BK = hit_BK & (jnp.arange(K) < W)[None, :]
+        score_BK = top_BK / _penalty(i + 1, length_penalty)
+        full_B1 = (jnp.all(s.fin_done, axis=-1) & early_true)[:, None]
+        score_BK = score_BK + jnp.where(full_B1, NEG, 0.0) + jnp.where(~s.open_B[:, None], NEG, 0.0)
+        score_BK = score_BK + jnp.where(~just_BK, NEG, 0.0)
+        pool_score = jnp.concatenate([s.fin_score, score_BK], axis=1)
+        fin_score, keep_BW = jax.lax.top_k(pool_score, W)
+        fin_seq = _take(jnp.concatenate([s.fin_seq, cand_seq_BKN], axis=1), keep_BW)
+        fin_done = _take(jnp.concatenate([s.fin_done, just_BK], axis=1), keep_BW)
+        # The model state follows each new running beam's parent.
         rows_R = (jnp.arange(B)[:, None] * W + parent_BW).reshape(R)
-        # The last iteration's step is not needed; it keeps the loop body uniform.
-        logits_RV, carry = engine.step(params, gather_batch(s["carry"], rows_R),
-                                       token_BW.reshape(R))
-        return dict(i=i + 1, carry=carry, logits_RV=logits_RV, alive_seq=alive_seq_BWN,
-                    alive_logp=alive_logp_BW, fin_seq=fin_seq_BWN, fin_score=fin_score_BW)
+        reorder = lambda x: jnp.take(x, rows_R, axis=0)  # noqa: E731
+        token_R = tok_BW.reshape(R)
+        seen_RV = mark_seen(reorder(s.seen_RV), token_R)
+        # transformers' stopping heuristic, on the new length i + 1.
+        best_len = jnp.where(never & (length_penalty > 0), max_new, i + 1)
+        best_B = run_score_BW[:, 0] / _penalty(best_len, length_penalty)
+        worst_BW = jnp.where(fin_done, fin_score.min(axis=1, keepdims=True), NEG)
+        open_B = s.open_B & jnp.any(best_B[:, None] > worst_BW, axis=1)
+        return BeamState(i=i + 1, carry=jax.tree.map(reorder, carry), logits_RV=logits_RV,
+                         seen_RV=seen_RV, token_R=token_R, run_seq=run_seq,
+                         run_score=run_score_BW, fin_seq=fin_seq, fin_score=fin_score,
+                         fin_done=fin_done, open_B=open_B, all_hit=jnp.all(hit_BK))
 
     s = jax.lax.while_loop(cond, body, state)
-    # Alive beams are complete hypotheses only if they ran the full max_new tokens.
-    full = s["i"] >= max_new
-    alive_score_BW = jnp.where(full, s["alive_logp"] / _penalty(s["i"], length_penalty), NEG_INF)
-    score_B2W = jnp.concatenate([s["fin_score"], alive_score_BW], axis=1)
-    seq_B2WN = jnp.concatenate([s["fin_seq"], s["alive_seq"]], axis=1)
-    best_B = jnp.argmax(score_B2W, axis=1)
-    tokens_BN = _take(seq_B2WN, best_B[:, None])[:, 0]
-    return tokens_BN, jnp.take_along_axis(score_B2W, best_B[:, None], axis=1)[:, 0], s["carry"]
+    return s.fin_seq[:, 0], s.fin_score[:, 0], s.carry

@@ -1,16 +1,13 @@
-"""`generate`: validated requests, bucketed shapes, prefill + one jitted decode loop.
+"""`generate` and `stream`: validated requests, bucketed shapes, one `Decoder` per shape.
 
-A call runs ONE compiled program: the prefill (all prompts in one parallel pass, first
-token chosen) followed by the decode loop (one `lax.while_loop` that feeds one token per
-sequence per step until every sequence has emitted EOS or max_new_tokens), with the
-preallocated cache donated so the loop updates it in place. With return_stats=True the
-same two parts run as two programs instead, so that time to first token and decode speed
-can be measured separately. Shapes are bucketed to powers of two (batch,
-prompt length, token buffer) and the sampling settings, max_new_tokens and eos_id are
-traced values, so a new prompt length or setting within a bucket reuses the compiled code.
+A call validates the request (one clear error before anything is compiled), packs the
+prompts into bucketed shapes (powers of two for the batch, the prompt width and the token
+buffer), gets the compiled decoder for that shape (infer/decoder.py) and runs its prefill,
+then its decode loop (or beam search). The timing stats time those same two programs.
 
-Returned tokens are the new tokens of each prompt, cut after the first EOS; the EOS itself
-is included, so a caller can tell a stop from running out of max_new_tokens.
+Returned tokens are the new tokens of each prompt, cut after the first EOS id (any of
+them); the EOS itself is included, so a caller can tell a stop from running out of
+max_new_tokens.
 
 Shape letters: B batch (bucketed), T prompt length (bucketed), N token buffer, V vocab.
 """
@@ -18,20 +15,21 @@ Shape letters: B batch (bucketed), T prompt length (bucketed), N token buffer, V
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import numbers
 import time
+import warnings
 from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .beam import beam_search
-from .cache import repeat_batch
-from .engine import Engine, make_engine, source_vocab
-from .sampling import next_token
+from fmzoo.models.config import LMConfig
+
+from .decoder import Decoder, Shape, decoder_for
+from .processors import MAX_EOS, eos_array
+from .sampling import sampling_settings
 
 MIN_BUCKET = 8
 
@@ -42,14 +40,14 @@ class GenerationError(ValueError):
 
 @dataclasses.dataclass
 class GenerateStats:
-    """Wall-clock timing of one call (compilation included when `compiled` is True)."""
+    """Wall-clock timing of one call (a first call of a shape includes compilation)."""
 
     batch: int  # prompts in the request
     prompt_tokens: int  # real prompt tokens read by the prefill
     new_tokens: int  # tokens returned, over all prompts
-    ttft_s: float  # prefill + first token: time to first token
+    ttft_s: float  # the prefill (prompt read, first token's logits): time to first token
     decode_s: float  # the decode loop
-    compiled: bool  # whether this call compiled a new shape bucket
+    compiled: bool = False  # the call built a new decoder (its times include compilation)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -78,7 +76,8 @@ def _check_prompts(config, prompts, seq2seq: bool) -> list[list[int]]:
     if all(isinstance(p, numbers.Integral) for p in prompts):
         raise GenerationError("prompts must be a list of token-id lists; for one prompt wrap "
                               "it: [ids]")
-    vocab, what = source_vocab(config), "source" if seq2seq else "prompt"
+    vocab = getattr(config, "src_vocab_size", config.vocab_size)
+    what = "source" if seq2seq else "prompt"
     out = []
     for i, p in enumerate(prompts):
         arr = np.asarray(p) if isinstance(p, (Sequence, np.ndarray)) else None
@@ -99,6 +98,10 @@ def _check_prompts(config, prompts, seq2seq: bool) -> list[list[int]]:
     return out
 
 
+def _uses_rope(config) -> bool:
+    return isinstance(config, LMConfig) and config.flavor == "llama"
+
+
 def _check_lengths(config, longest: int, max_new_tokens, seq2seq: bool) -> None:
     if not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
@@ -107,19 +110,43 @@ def _check_lengths(config, longest: int, max_new_tokens, seq2seq: bool) -> None:
         if longest > limit:
             raise GenerationError(f"a source has {longest} tokens but the model's max_len is "
                                   f"{limit}; shorten the source")
-        if max_new_tokens > limit:
+        if max_new_tokens > limit:  # bos takes target position 0
             raise GenerationError(f"max_new_tokens={max_new_tokens} exceeds the model's max_len "
                                   f"{limit}; ask for at most {limit}")
-    elif longest + max_new_tokens > limit:
-        room = limit - longest
-        fix = (f"lower max_new_tokens to {room} or shorten the prompt" if room > 0 else
-               f"shorten the prompt to at most {limit - max_new_tokens} tokens")
-        raise GenerationError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) "
-                              f"exceeds the model's max_len {limit}; {fix}")
+        return
+    # The last new token is never fed back: positions 0 .. longest + max_new - 2 are used.
+    if longest + max_new_tokens <= limit + 1:
+        return
+    if _uses_rope(config):
+        warnings.warn(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) goes past "
+                      f"the model's max_len {limit} (max_position_embeddings): rotary positions "
+                      "extend, but the model was not trained at these lengths", stacklevel=4)
+        return
+    room = limit + 1 - longest
+    fix = (f"lower max_new_tokens to {room} or shorten the prompt" if room > 0 else
+           f"shorten the prompt to at most {limit + 1 - max_new_tokens} tokens")
+    raise GenerationError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) "
+                          f"exceeds the model's max_len {limit} + 1 (the last new token is "
+                          f"never fed back); {fix}")
 
 
-def _check_settings(config, temperature, top_k, top_p, eos_id, num_beams,
-                    length_penalty) -> None:
+def eos_ids(eos_id, vocab: int) -> tuple[int, ...]:
+    """The request's end-of-sequence ids as a tuple (None -> none), validated."""
+    if eos_id is None:
+        return ()
+    ids = (eos_id,) if isinstance(eos_id, numbers.Integral) else eos_id
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, (Sequence, np.ndarray)) or not all(
+            isinstance(i, numbers.Integral) and not isinstance(i, bool) and 0 <= i < vocab
+            for i in ids):
+        raise GenerationError(f"eos_id must be None, a token id or a list of token ids in "
+                              f"[0, {vocab}), got {eos_id!r}")
+    if len(ids) > MAX_EOS:
+        raise GenerationError(f"at most {MAX_EOS} eos ids are supported, got {len(ids)}")
+    return tuple(int(i) for i in ids)
+
+
+def _check_settings(config, temperature, top_k, top_p, eos_id, num_beams, length_penalty,
+                    early_stopping, min_new_tokens, repetition_penalty) -> None:
     real = lambda x: isinstance(x, numbers.Real) and math.isfinite(x)  # noqa: E731
     if not (real(temperature) and temperature >= 0):
         raise GenerationError("temperature must be a finite number >= 0 (0 = greedy), got "
@@ -128,9 +155,7 @@ def _check_settings(config, temperature, top_k, top_p, eos_id, num_beams,
         raise GenerationError(f"top_k must be an integer >= 0 (0 = no top-k cut), got {top_k!r}")
     if not (real(top_p) and 0 < top_p <= 1):
         raise GenerationError(f"top_p must lie in (0, 1] (1 = no nucleus cut), got {top_p!r}")
-    V = config.vocab_size
-    if eos_id is not None and not (isinstance(eos_id, numbers.Integral) and 0 <= eos_id < V):
-        raise GenerationError(f"eos_id must be None or a token id in [0, {V}), got {eos_id!r}")
+    eos_ids(eos_id, config.vocab_size)
     if not isinstance(num_beams, numbers.Integral) or num_beams < 1:
         raise GenerationError(f"num_beams must be an integer >= 1, got {num_beams!r}")
     if num_beams > 1 and (temperature > 0 or top_k > 0 or top_p < 1):
@@ -139,14 +164,24 @@ def _check_settings(config, temperature, top_k, top_p, eos_id, num_beams,
                               "top_p=1 with beams")
     if not real(length_penalty):
         raise GenerationError(f"length_penalty must be a finite number, got {length_penalty!r}")
+    if early_stopping not in (True, False, "never"):
+        raise GenerationError("early_stopping must be True, False or 'never' (transformers' "
+                              f"meanings), got {early_stopping!r}")
+    if not isinstance(min_new_tokens, numbers.Integral) or min_new_tokens < 0:
+        raise GenerationError(f"min_new_tokens must be an integer >= 0, got {min_new_tokens!r}")
+    if not (real(repetition_penalty) and repetition_penalty > 0):
+        raise GenerationError("repetition_penalty must be a finite number > 0 (1.0 = off), got "
+                              f"{repetition_penalty!r}")
 
 
-def validate(config, prompts, *, max_new_tokens, temperature, top_k, top_p, eos_id,
-             num_beams, length_penalty=1.0, seq2seq=False) -> list[list[int]]:
+def validate(config, prompts, *, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
+             eos_id=None, num_beams=1, length_penalty=1.0, early_stopping=False,
+             min_new_tokens=0, repetition_penalty=1.0, seq2seq=False) -> list[list[int]]:
     """The prompts as lists of ints, or one GenerationError naming the problem and the fix."""
     seqs = _check_prompts(config, prompts, seq2seq)
     _check_lengths(config, max(map(len, seqs)), max_new_tokens, seq2seq)
-    _check_settings(config, temperature, top_k, top_p, eos_id, num_beams, length_penalty)
+    _check_settings(config, temperature, top_k, top_p, eos_id, num_beams, length_penalty,
+                    early_stopping, min_new_tokens, repetition_penalty)
     return seqs
 
 
@@ -164,119 +199,37 @@ def _batch_bucket(n: int) -> int:
 
 
 def _pack(prompts: list[list[int]], rows: int, width: int):
-    """Right-padded int32 [rows, width] and its mask; filler rows hold one token 0."""
+    """Right-padded int32 [rows, width], its mask, and which rows are real prompts
+    (filler rows hold one token 0)."""
     toks = np.zeros((rows, width), np.int32)
     mask = np.zeros((rows, width), bool)
     mask[:, 0] = True
     for b, p in enumerate(prompts):
         toks[b, :len(p)] = p
         mask[b, :len(p)] = True
-    return toks, mask
+    live = np.arange(rows) < len(prompts)
+    return jnp.asarray(toks), jnp.asarray(mask), jnp.asarray(live)
 
 
-def plan(engine: Engine, prompts: list[list[int]], max_new_tokens: int, num_beams: int = 1):
-    """Bucketed (rows, prompt width, token buffer, cache slots) for a request."""
-    c = engine.config
+def plan(model, prompts: list[list[int]], max_new_tokens: int, num_beams: int = 1,
+         do_sample: bool = False, early_stopping: bool | str = False, n_eos: int = 0,
+         history: bool = False) -> Shape:
+    """The bucketed request shape (rows, prompt width, cache slots, token buffer)."""
+    c = model.config
+    seq2seq = not isinstance(c, LMConfig)
+    longest = max(len(p) for p in prompts)
     rows = _batch_bucket(len(prompts)) * num_beams
-    width = bucket(max(len(p) for p in prompts), c.max_len)
+    width = bucket(longest, None if _uses_rope(c) else c.max_len)
     n_out = bucket(max_new_tokens)
-    # Decoder-only: prompt slots then new ones; seq2seq decoders start from BOS alone.
-    # Capping at max_len is safe: validation keeps every real write below it.
-    slots = min(n_out if engine.seq2seq else width + n_out, c.max_len)
-    return rows, width, n_out, slots
-
-
-# ------------------------------------------------------------------------ compiled parts
-
-
-@functools.partial(jax.jit, static_argnames=("engine", "do_sample"), donate_argnames=("carry",))
-def _prefill(engine, params, carry, prompt_BT, mask_BT, key, settings, *, do_sample):
-    logits_BV, carry = engine.prefill(params, carry, prompt_BT, mask_BT)
-    return next_token(key, logits_BV, settings, do_sample), logits_BV, carry
-
-
-@functools.partial(jax.jit, static_argnames=("engine", "do_sample", "num_beams"),
-                   donate_argnames=("carry",))
-def _prefill_rows(engine, params, carry, prompt_BT, mask_BT, key, settings, *, do_sample,
-                  num_beams):
-    """Prefill; with beams (rows = prompts x beams, each prompt's beams adjacent) it runs on
-    one row per prompt and copies the result to the prompt's other beams."""
-    if num_beams == 1:
-        return _prefill(engine, params, carry, prompt_BT, mask_BT, key, settings,
-                        do_sample=do_sample)
-    first = lambda x: x[::num_beams]  # noqa: E731
-    tok_P, logits_PV, carry_P = _prefill(engine, params, jax.tree.map(first, carry),
-                                         first(prompt_BT), first(mask_BT), key, settings,
-                                         do_sample=do_sample)
-    return (jnp.repeat(tok_P, num_beams, 0), jnp.repeat(logits_PV, num_beams, 0),
-            repeat_batch(carry_P, num_beams))
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _alloc(engine, rows, slots, width):
-    return engine.alloc(rows, slots, width)  # one dispatch instead of one per buffer
-
-
-def _step_key(key, i):
-    return jax.random.fold_in(key, i)
-
-
-@functools.partial(jax.jit, static_argnames=("engine", "n_out", "do_sample"),
-                   donate_argnames=("carry",))
-def _decode_loop(engine, params, carry, first_B, live_B, key, settings, max_new, eos_id, *,
-                 n_out, do_sample):
-    """Tokens int32 [B, N] (-1 after a row stops) and the final carry."""
-    B = first_B.shape[0]
-    out_BN = jnp.full((B, n_out), -1, jnp.int32).at[:, 0].set(first_B)
-    done_B = ~live_B | (first_B == eos_id)
-
-    def cond(s):
-        i, _, _, _, done_B = s
-        return (i < max_new) & ~jnp.all(done_B)
-
-    def body(s):
-        i, carry, tok_B, out_BN, done_B = s
-        logits_BV, carry = engine.step(params, carry, tok_B)
-        tok_B = next_token(_step_key(key, i), logits_BV, settings, do_sample)
-        out_BN = out_BN.at[:, i].set(jnp.where(done_B, -1, tok_B))
-        return i + 1, carry, tok_B, out_BN, done_B | (tok_B == eos_id)
-
-    _, carry, _, out_BN, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), carry, first_B,
-                                                              out_BN, done_B))
-    return out_BN, carry
-
-
-@functools.partial(jax.jit, static_argnames=("engine", "num_beams", "n_out"),
-                   donate_argnames=("carry",))
-def _beam_loop(engine, params, carry, logits_RV, max_new, eos_id, length_penalty, *,
-               num_beams, n_out):
-    return beam_search(engine, params, carry, logits_RV, num_beams=num_beams, n_out=n_out,
-                       max_new=max_new, eos_id=eos_id, length_penalty=length_penalty)
-
-
-@functools.partial(jax.jit, static_argnames=("engine", "n_out", "do_sample", "num_beams"),
-                   donate_argnames=("carry",))
-def _generate_fused(engine, params, carry, prompt_BT, mask_BT, live_B, key, settings, max_new,
-                    eos_id, length_penalty, *, n_out, do_sample, num_beams):
-    """Prefill and the whole decode loop as ONE program (the default, stats-free path).
-
-    The final cache is returned (and dropped by the caller) so that the donated input cache
-    aliases it: XLA then updates the cache in place instead of allocating a second one."""
-    first_B, logits_BV, carry = _prefill_rows(engine, params, carry, prompt_BT, mask_BT,
-                                              _step_key(key, 0), settings, do_sample=do_sample,
-                                              num_beams=num_beams)
-    if num_beams > 1:
-        out_BN, _, carry = _beam_loop(engine, params, carry, logits_BV, max_new, eos_id,
-                                      length_penalty, num_beams=num_beams, n_out=n_out)
-        return out_BN, carry
-    return _decode_loop(engine, params, carry, first_B, live_B, key, settings, max_new, eos_id,
-                        n_out=n_out, do_sample=do_sample)
-
-
-def compiled_count() -> int:
-    """How many shape buckets the compiled programs hold (tests watch this for recompiles)."""
-    fns = (_alloc, _prefill, _prefill_rows, _decode_loop, _beam_loop, _step, _generate_fused)
-    return sum(getattr(f, "_cache_size", lambda: 0)() for f in fns)  # private jax API
+    # Decoder-only: the prompt's slots then the new ones; seq2seq decoders start from bos.
+    # A learned position table caps the cache at max_len (validation keeps real writes
+    # below it); rotary models size the cache to the request.
+    slots = n_out if seq2seq else width + n_out
+    if not _uses_rope(c):
+        slots = min(slots, c.max_len)
+    return Shape(rows=rows, width=width, slots=slots, n_out=n_out, num_beams=num_beams,
+                 do_sample=do_sample, early_stopping=early_stopping if num_beams > 1 else False,
+                 n_eos=n_eos if num_beams > 1 else 0, history=history and num_beams == 1)
 
 
 # -------------------------------------------------------------------------------- public
@@ -290,126 +243,143 @@ def _key(rng) -> jax.Array:
     return rng
 
 
-def _settings(temperature, top_k, top_p) -> dict:
-    return {"temperature": jnp.float32(temperature), "top_k": jnp.int32(top_k),
-            "top_p": jnp.float32(top_p)}
-
-
-def _cut(row: np.ndarray, max_new: int, eos_id: int | None) -> list[int]:
+def _cut(row: np.ndarray, max_new: int, eos: tuple[int, ...]) -> list[int]:
     out = []
     for t in row[:max_new].tolist():
         if t < 0:
             break
         out.append(t)
-        if t == eos_id:
+        if t in eos:
             break
     return out
 
 
+def _auto_axes(mesh):
+    """The mesh with every axis in Auto mode: sharding follows the logical-axis rules and
+    XLA's propagation, as in training (an Explicit mesh, jax.make_mesh's default, would
+    demand an out_sharding on every gather)."""
+    auto = jax.sharding.AxisType.Auto
+    if not isinstance(mesh, jax.sharding.Mesh):
+        raise GenerationError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}; "
+                              "make one with fmzoo.train.make_mesh('data=2,tensor=2')")
+    if all(t == auto for t in mesh.axis_types):
+        return mesh
+    return jax.sharding.Mesh(mesh.devices, mesh.axis_names,
+                             axis_types=(auto,) * len(mesh.axis_names))
+
+
+@dataclasses.dataclass
+class _Request:
+    decoder: Decoder
+    params: Any
+    seqs: list[list[int]]
+    eos: tuple[int, ...]
+    settings: Any
+    new: bool
+
+
+def _request(model, params, prompts, *, max_new_tokens, temperature, top_k, top_p, eos_id,
+             num_beams, length_penalty, early_stopping, min_new_tokens, repetition_penalty,
+             mesh) -> _Request:
+    if not hasattr(model, "init_cache") or not hasattr(getattr(model, "config", None), "max_len"):
+        raise GenerationError(f"cannot generate with {type(model).__name__}: expected a zoo "
+                              "model built by fmzoo.models.build (DecoderLM, EncoderDecoder or "
+                              "RNNSeq2Seq)")
+    seq2seq = not isinstance(model.config, LMConfig)
+    seqs = validate(model.config, prompts, max_new_tokens=max_new_tokens,
+                    temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
+                    num_beams=num_beams, length_penalty=length_penalty,
+                    early_stopping=early_stopping, min_new_tokens=min_new_tokens,
+                    repetition_penalty=repetition_penalty, seq2seq=seq2seq)
+    eos = eos_ids(eos_id, model.config.vocab_size)
+    shape = plan(model, seqs, max_new_tokens, num_beams, temperature > 0, early_stopping,
+                 len(eos), history=repetition_penalty != 1 or min_new_tokens > 0)
+    if mesh is not None:
+        from fmzoo.models.registry import place_params
+        mesh = _auto_axes(mesh)
+        params = place_params(params, model.config, mesh)
+    settings = sampling_settings(temperature=temperature, top_k=top_k, top_p=top_p,
+                                 repetition_penalty=repetition_penalty,
+                                 min_new_tokens=min_new_tokens)
+    decoder, new = decoder_for(model, shape, mesh)
+    return _Request(decoder, params, seqs, eos, settings, new)
+
+
 def generate(model, params, prompts, *, max_new_tokens: int, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None, rng: Any = None,
-             num_beams: int = 1, length_penalty: float = 1.0, return_stats: bool = False):
+             top_k: int = 0, top_p: float = 1.0, eos_id: int | Sequence[int] | None = None,
+             rng: Any = None, num_beams: int = 1, length_penalty: float = 1.0,
+             early_stopping: bool | str = False, min_new_tokens: int = 0,
+             repetition_penalty: float = 1.0, mesh: Any = None, return_stats: bool = False):
     """New tokens for each prompt: a list of token-id lists, each cut after its first EOS
     (the EOS included). With return_stats=True, (tokens, GenerateStats).
 
     model, params: a zoo model and its params (e.g. from fmzoo.load). prompts: token-id
     lists of any lengths; for seq2seq models the source sequences (the decoder starts from
     config.bos_id). temperature 0 is greedy; top_k 0 and top_p 1 switch those cuts off.
-    rng: a PRNG key or an int seed (None = seed 0). num_beams > 1 runs beam search scored
-    by log-prob / new_tokens ** length_penalty; it cannot be combined with sampling.
+    eos_id: None, an id, or a list of ids (any of them ends a row). min_new_tokens and
+    repetition_penalty follow transformers. rng: a PRNG key or an int seed (None = seed 0).
+    num_beams > 1 runs transformers' beam search, scored by log-prob / new_tokens **
+    length_penalty, stopping as `early_stopping` (True, False or 'never') says; it cannot be
+    combined with sampling. mesh: a jax Mesh; params and cache are sharded by the
+    logical-axis rules and the result equals one device's.
     """
-    engine = make_engine(model)
-    seqs = validate(engine.config, prompts, max_new_tokens=max_new_tokens,
-                    temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
-                    num_beams=num_beams, length_penalty=length_penalty,
-                    seq2seq=engine.seq2seq)
-    rows, width, n_out, slots = plan(engine, seqs, max_new_tokens, num_beams)
-    toks, mask = _pack(seqs, rows // num_beams, width)
-    live = np.zeros(rows // num_beams, bool)
-    live[:len(seqs)] = True
-    if num_beams > 1:  # prompts x beams rows; the prefill runs once per prompt (_prefill_rows)
-        toks, mask = np.repeat(toks, num_beams, 0), np.repeat(mask, num_beams, 0)
-    key = _key(rng)
-    do_sample = temperature > 0
-    settings = _settings(temperature, top_k, top_p)
-    eos = jnp.int32(-1 if eos_id is None else eos_id)
-    before = compiled_count()
-
+    req = _request(model, params, prompts, max_new_tokens=max_new_tokens,
+                   temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
+                   num_beams=num_beams, length_penalty=length_penalty,
+                   early_stopping=early_stopping, min_new_tokens=min_new_tokens,
+                   repetition_penalty=repetition_penalty, mesh=mesh)
+    dec, W = req.decoder, num_beams
+    toks, mask, live = _pack(req.seqs, dec.shape.rows // W, dec.shape.width)
+    eos_E, max_new = eos_array(req.eos), jnp.int32(max_new_tokens)
     t0 = time.perf_counter()
-    carry = _alloc(engine, rows, slots, width)
-    if not return_stats:
-        out_BN, _ = _generate_fused(
-            engine, params, carry, jnp.asarray(toks), jnp.asarray(mask), jnp.asarray(live), key,
-            settings, jnp.int32(max_new_tokens), eos, jnp.float32(length_penalty), n_out=n_out,
-            do_sample=do_sample, num_beams=num_beams)
-        out = np.asarray(out_BN)
-        return [_cut(out[b], max_new_tokens, eos_id) for b in range(len(seqs))]
-
-    # with stats, prefill and decode run as two programs so that each can be timed
-    first_B, logits_BV, carry = _prefill_rows(engine, params, carry, jnp.asarray(toks),
-                                              jnp.asarray(mask), _step_key(key, 0), settings,
-                                              do_sample=do_sample, num_beams=num_beams)
-    jax.block_until_ready(first_B)
+    state = dec.prefill(req.params, dec.alloc(), toks, mask, live)
+    if return_stats:
+        jax.block_until_ready(state.logits_BV)
     t1 = time.perf_counter()
-    if num_beams > 1:
-        out_BN, _, carry = _beam_loop(engine, params, carry, logits_BV, jnp.int32(max_new_tokens),
-                                      eos, jnp.float32(length_penalty), num_beams=num_beams,
-                                      n_out=n_out)
+    if W > 1:
+        out_BN, _, state = dec.beam(req.params, state, eos_E, max_new,
+                                    jnp.float32(length_penalty), req.settings)
     else:
-        out_BN, carry = _decode_loop(engine, params, carry, first_B, jnp.asarray(live), key,
-                                     settings, jnp.int32(max_new_tokens), eos, n_out=n_out,
-                                     do_sample=do_sample)
+        out_BN, state = dec.decode(req.params, state, _key(rng), req.settings, eos_E, max_new)
     out = np.asarray(out_BN)
     t2 = time.perf_counter()
-    del carry
-    result = [_cut(out[b], max_new_tokens, eos_id) for b in range(len(seqs))]
-    stats = GenerateStats(batch=len(seqs), prompt_tokens=sum(map(len, seqs)),
-                          new_tokens=sum(map(len, result)), ttft_s=t1 - t0, decode_s=t2 - t1,
-                          compiled=compiled_count() != before)
-    return result, stats
-
-
-# ------------------------------------------------------------------------------ streaming
-
-
-@functools.partial(jax.jit, static_argnames=("engine", "do_sample"), donate_argnames=("carry",))
-def _step(engine, params, carry, tok_B, key, settings, *, do_sample):
-    logits_BV, carry = engine.step(params, carry, tok_B)
-    return next_token(key, logits_BV, settings, do_sample), carry
+    del state
+    result = [_cut(out[b], max_new_tokens, req.eos) for b in range(len(req.seqs))]
+    if not return_stats:
+        return result
+    return result, GenerateStats(batch=len(req.seqs), prompt_tokens=sum(map(len, req.seqs)),
+                                 new_tokens=sum(map(len, result)), ttft_s=t1 - t0,
+                                 decode_s=t2 - t1, compiled=req.new)
 
 
 def stream(model, params, prompt: Sequence[int], *, max_new_tokens: int,
            temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-           eos_id: int | None = None, rng: Any = None,
+           eos_id: int | Sequence[int] | None = None, min_new_tokens: int = 0,
+           repetition_penalty: float = 1.0, rng: Any = None, mesh: Any = None,
            stats: GenerateStats | None = None) -> Iterator[int]:
-    """Yields one prompt's new tokens as they are produced (a Python loop over a jitted
-    decode step; same tokens as `generate` with the same settings and rng). Stops after
-    EOS (yielded) or max_new_tokens. A GenerateStats passed as `stats` is filled in when
+    """Yields one prompt's new tokens as they are produced: the same compiled prefill and
+    step as `generate`, so the same tokens for the same settings and rng. Stops after an
+    EOS id (yielded) or max_new_tokens. A GenerateStats passed as `stats` is filled in when
     the stream ends; its decode time includes the caller's time between tokens.
     """
-    engine = make_engine(model)
-    (seq,) = validate(engine.config, [prompt], max_new_tokens=max_new_tokens,
-                      temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
-                      num_beams=1, seq2seq=engine.seq2seq)
-    rows, width, _, slots = plan(engine, [seq], max_new_tokens)
-    toks, mask = _pack([seq], rows, width)
-    key, do_sample = _key(rng), temperature > 0
-    settings = _settings(temperature, top_k, top_p)
-    before = compiled_count()
+    req = _request(model, params, [prompt], max_new_tokens=max_new_tokens,
+                   temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
+                   num_beams=1, length_penalty=1.0, early_stopping=False,
+                   min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty,
+                   mesh=mesh)
+    dec, key, eos_E = req.decoder, _key(rng), eos_array(req.eos)
+    toks, mask, live = _pack(req.seqs, dec.shape.rows, dec.shape.width)
     t0 = time.perf_counter()
-    carry = _alloc(engine, rows, slots, width)
-    tok_B, _, carry = _prefill(engine, params, carry, jnp.asarray(toks), jnp.asarray(mask),
-                               _step_key(key, 0), settings, do_sample=do_sample)
-    tok = int(tok_B[0])
+    state = dec.choose(dec.prefill(req.params, dec.alloc(), toks, mask, live), key,
+                       req.settings, eos_E)
+    tok, n = int(np.asarray(state.token_B)[0]), 1
     t1 = time.perf_counter()
-    n = 1
     yield tok
-    while tok != eos_id and n < max_new_tokens:
-        tok_B, carry = _step(engine, params, carry, tok_B, _step_key(key, n), settings,
-                             do_sample=do_sample)
-        tok, n = int(tok_B[0]), n + 1
+    while tok not in req.eos and n < max_new_tokens:
+        state = dec.step(req.params, state, key, req.settings, eos_E)
+        tok, n = int(np.asarray(state.token_B)[0]), n + 1
         yield tok
     if stats is not None:
-        stats.__dict__.update(batch=1, prompt_tokens=len(seq), new_tokens=n, ttft_s=t1 - t0,
-                              decode_s=time.perf_counter() - t1,
-                              compiled=compiled_count() != before)
+        stats.__dict__.update(batch=1, prompt_tokens=len(req.seqs[0]), new_tokens=n,
+                              ttft_s=t1 - t0, decode_s=time.perf_counter() - t1,
+                              compiled=req.new)

@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from .cache import write_rows
+
 Array = jax.Array
 INIT = nn.initializers.normal(stddev=0.02)
 
@@ -143,16 +145,6 @@ def apply_rope(x_BTHD: Array, positions_BT: Array, inv_freq: Array) -> Array:
     return out.astype(x_BTHD.dtype)
 
 
-# ------------------------------------------------------------------------ cache write
-
-
-def write_cache(cache_BLKD: Array, new_BTKD: Array, index_B: Array) -> Array:
-    """Writes T new rows per sequence at that sequence's own offset index[b]."""
-    def one(c_LKD, n_TKD, i):
-        return jax.lax.dynamic_update_slice(c_LKD, n_TKD.astype(c_LKD.dtype), (i, 0, 0))
-    return jax.vmap(one)(cache_BLKD, new_BTKD, index_B)
-
-
 # ------------------------------------------------------------------------ module
 
 
@@ -192,9 +184,10 @@ class MultiHeadAttention(nn.Module):
       self-attention:    mha(x)                                  -> out
       cross-attention:   mha(x, kv=memory)                        -> out
       precomputed k/v:   mha(x, kv_proj=(k_BSKD, v_BSKD))           -> out
-      with a KV cache:   mha(x, cache={'k','v'}, cache_index=idx) -> (out, new_cache)
-    With a cache the new keys/values are written at cache_index[b] and the query attends
-    over the whole cache; `mask` must then be [B, 1, T, L] over cache slots.
+      with a KV cache:   mha(x, cache=(k_BLKD, v_BLKD), cache_index=idx) -> (out, (k, v))
+    With a cache (one layer's slice of a `KVCache`) the new keys/values are written at
+    cache_index[b] and the query attends over every slot; `mask` must then be [B, 1, T, L]
+    over cache slots.
     """
 
     n_heads: int
@@ -236,7 +229,8 @@ class MultiHeadAttention(nn.Module):
 
     def __call__(self, x_BTE: Array, kv: Array | None = None, *, mask: Array | None = None,
                  positions_BT: Array | None = None, kv_positions_BS: Array | None = None,
-                 kv_proj: tuple[Array, Array] | None = None, cache: dict | None = None,
+                 kv_proj: tuple[Array, Array] | None = None,
+                 cache: tuple[Array, Array] | None = None,
                  cache_index: Array | None = None, is_causal: bool = False):
         B, T, _ = x_BTE.shape
         q_BTHD = self.query(x_BTE)
@@ -252,9 +246,9 @@ class MultiHeadAttention(nn.Module):
             k_BSKD, v_BSKD = self.project_kv(src, pos)
         new_cache = None
         if cache is not None:
-            k_BSKD = write_cache(cache["k"], k_BSKD, cache_index)
-            v_BSKD = write_cache(cache["v"], v_BSKD, cache_index)
-            new_cache = {"k": k_BSKD, "v": v_BSKD}
+            k_BSKD = write_rows(cache[0], k_BSKD, cache_index)
+            v_BSKD = write_rows(cache[1], v_BSKD, cache_index)
+            new_cache = (k_BSKD, v_BSKD)
             k_BSKD, v_BSKD = k_BSKD.astype(self.dtype), v_BSKD.astype(self.dtype)
         out_BTHD = dot_product_attention(q_BTHD, k_BSKD, v_BSKD, mask, impl=self.impl,
                                          is_causal=is_causal)

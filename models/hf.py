@@ -13,6 +13,7 @@ unpickling a file can run arbitrary code.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from typing import Any
@@ -22,6 +23,7 @@ import numpy as np
 
 from .bundle import Loaded
 from .config import LMConfig, resolve_dtype
+from .generation import GenerationDefaults
 from .hf_arch import ARCHITECTURES, CheckpointError, Rule, architecture_for, architecture_of
 
 __all__ = ["from_hf", "to_hf", "CheckpointError", "ARCHITECTURES"]
@@ -245,7 +247,17 @@ def from_hf(directory: str, dtype: str = "float32", mesh=None,
             piece = ckpt.read(names[rule.hf], rule.piece_index)
             host = rule.to_zoo(piece, zoo_shapes[rule.zoo]).astype(np_dtype)
             _set(params, rule.zoo, _place(host, shardings.get(rule.zoo)))
-    return Loaded(build(config), params, config, tokenizer, source=directory)
+    return Loaded(build(config), params, config, tokenizer, source=directory,
+                  generation=_generation(directory, hf, config))
+
+
+def _generation(directory: str, hf: dict, config) -> GenerationDefaults:
+    """The whole eos_token_id list and the sampling defaults; the config's eos_id comes first."""
+    gen_path = os.path.join(directory, "generation_config.json")
+    gen = _read_json(gen_path) if os.path.exists(gen_path) else None
+    defaults = GenerationDefaults.from_hf(hf, gen, where=gen_path if gen else directory)
+    ids = (config.eos_id,) + tuple(i for i in defaults.eos_ids if i != config.eos_id)
+    return dataclasses.replace(defaults, eos_ids=ids)
 
 
 # ----------------------------------------------------------------------------- export
@@ -286,8 +298,11 @@ def _export_tensors(params: Any, config: LMConfig, rules: list[Rule]) -> dict[st
     return out
 
 
-def to_hf(params: Any, config: LMConfig, directory: str, tokenizer: Any = None) -> None:
-    """Writes config.json + model.safetensors (+ the tokenizer) that transformers loads.
+def to_hf(params: Any, config: LMConfig, directory: str, tokenizer: Any = None,
+          generation: GenerationDefaults | None = None) -> None:
+    """Writes config.json + generation_config.json + model.safetensors (+ the tokenizer) that
+    transformers loads. `generation` (default: the config's eos, greedy) goes to
+    generation_config.json whole, so an eos_token_id list round-trips.
 
     GPT-2 flavoured configs become GPT2LMHeadModel (Conv1D [in, out] weights, packed
     c_attn); Llama flavoured ones LlamaForCausalLM. Params keep their dtype.
@@ -305,8 +320,12 @@ def to_hf(params: Any, config: LMConfig, directory: str, tokenizer: Any = None) 
     hf_config = arch.config_to_hf(config)
     tensors = _export_tensors(params, config, arch.rules(config))
     dtypes = {str(t.dtype) for t in tensors.values()}
+    generation = generation or GenerationDefaults.for_config(config)
+    gen_json = {"bos_token_id": config.bos_id, "pad_token_id": config.pad_id,
+                **generation.to_hf()}
+    gen_json.setdefault("eos_token_id", config.eos_id)
     hf_config.update({
-        "bos_token_id": config.bos_id, "eos_token_id": config.eos_id,
+        "bos_token_id": config.bos_id, "eos_token_id": gen_json["eos_token_id"],
         "pad_token_id": config.pad_id, "use_cache": True,
         "torch_dtype": dtypes.pop() if len(dtypes) == 1 else "float32"})
     if jax.process_index() != 0:
@@ -318,7 +337,11 @@ def to_hf(params: Any, config: LMConfig, directory: str, tokenizer: Any = None) 
     tmp_config = os.path.join(directory, "config.json.tmp")
     with open(tmp_config, "w") as f:
         json.dump(hf_config, f, indent=2, sort_keys=True)
+    tmp_gen = os.path.join(directory, "generation_config.json.tmp")
+    with open(tmp_gen, "w") as f:
+        json.dump(gen_json, f, indent=2, sort_keys=True)
     os.replace(tmp_weights, os.path.join(directory, WEIGHTS))
     os.replace(tmp_config, os.path.join(directory, "config.json"))
+    os.replace(tmp_gen, os.path.join(directory, "generation_config.json"))
     if tokenizer is not None:
         tokenizer.save(directory)

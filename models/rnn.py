@@ -22,13 +22,12 @@ Inference API (teacher forcing `__call__` is exactly these three calls):
     state = model.apply(v, memory_BSH, final, src_mask_BS, method=model.init_decode_state)
     logits_BTV, state = model.apply(v, tgt_BT, state, method=model.decode)
 
-Decoding T tokens at once equals T one-token calls carrying the state. The state is a
-dict of arrays, batch axis first on every leaf (fits a lax.while_loop and beam gathers):
-    'carry'     the cell's carry: [B, H], or (c [B, H], h [B, H]) for the LSTM;
-    'feed'      [B, H] previous attentional vector (luong only);
-    'memory'    [B, S, H] encoder states (attention models only);
-    'keys'      [B, S, H] encoder states projected by W_k, computed once (bahdanau only);
-    'src_mask'  [B, S] bool, True = real source token (attention models only).
+Decoding T tokens at once equals T one-token calls carrying the state. The state is an
+`RNNState` (models/cache.py), batch axis first on every leaf (fits a lax.while_loop and
+beam gathers): the cell's carry, and for the attention models the encoder states, their
+W_k projection (bahdanau) or the previous attentional vector (luong), and the source mask.
+Generation uses the interface every zoo model shares: `init_cache`, `prefill` (encoder,
+then config.bos_id) and `decode_step` (one cell update).
 
 `decode` also takes tgt_mask_BT (False: that row's state does not advance, for ragged
 forced prefixes) and memory_BSH / src_mask_BS (replace the state's copies).
@@ -49,6 +48,7 @@ import jax
 import jax.numpy as jnp
 
 from .attention import param_with_axes
+from .cache import RNNState, constrain, overwrite
 from .config import RNNConfig
 from .layers import dense, embed
 from .rnn_attention import AdditiveAttention, dot_attention, key_projection
@@ -97,13 +97,13 @@ class DecoderStep(nn.Module):
     config: RNNConfig
 
     @nn.compact
-    def __call__(self, state: dict, x_BE: Array, live_B: Array, static: dict):
+    def __call__(self, state: dict, x_BE: Array, live_B: Array, static: RNNState):
         c = self.config
         dt, pdt = c.compute_dtype, c.params_dtype
         carry = state["carry"]
         if c.attention == "bahdanau":
             ctx_BH, _ = AdditiveAttention(c.d_hidden, dt, pdt, name="attention")(
-                hidden_of(c.cell, carry), static["keys"], static["memory"], static["src_mask"])
+                hidden_of(c.cell, carry), static.keys, static.memory, static.src_mask)
             x_BE = jnp.concatenate([x_BE, ctx_BH.astype(dt)], axis=-1)
         elif c.attention == "luong":
             x_BE = jnp.concatenate([x_BE, state["feed"].astype(dt)], axis=-1)
@@ -112,7 +112,7 @@ class DecoderStep(nn.Module):
         if c.attention == "bahdanau":
             out_BX = jnp.concatenate([h_BH, ctx_BH.astype(dt)], axis=-1)
         elif c.attention == "luong":
-            ctx_BH, _ = dot_attention(h_BH, static["memory"], static["src_mask"])
+            ctx_BH, _ = dot_attention(h_BH, static.memory, static.src_mask)
             out_BX = jnp.tanh(dense(c.d_hidden, ("hidden_in", "hidden"), False, dt, pdt, "combine")(
                 jnp.concatenate([ctx_BH.astype(dt), h_BH], axis=-1)))
             new["feed"] = out_BX
@@ -166,23 +166,48 @@ class RNNSeq2Seq(nn.Module):
         return memory_BSH, _select(lengths_B > 0, final, init)
 
     def init_decode_state(self, memory_BSH: Array, final: Any,
-                          src_mask_BS: Array | None = None) -> dict:
+                          src_mask_BS: Array | None = None) -> RNNState:
         """The decoder's state before its first token (see the module docstring)."""
         c = self.config
-        state = {"carry": jax.tree.map(lambda x: x.astype(c.compute_dtype), final)}
+        carry = jax.tree.map(lambda x: x.astype(c.compute_dtype), final)
         if c.attention is None:
-            return state
+            return RNNState(carry=carry)
         B, S, _ = memory_BSH.shape
-        state["memory"] = memory_BSH
-        state["src_mask"] = (jnp.ones((B, S), bool) if src_mask_BS is None
-                             else src_mask_BS.astype(bool))
+        src_mask_BS = (jnp.ones((B, S), bool) if src_mask_BS is None
+                       else src_mask_BS.astype(bool))
         if c.attention == "bahdanau":
-            state["keys"] = self.attn_keys(memory_BSH)
-        else:
-            state["feed"] = jnp.zeros((B, c.d_hidden), c.compute_dtype)
-        return state
+            return RNNState(carry=carry, memory=memory_BSH, keys=self.attn_keys(memory_BSH),
+                            src_mask=src_mask_BS)
+        return RNNState(carry=carry, feed=jnp.zeros((B, c.d_hidden), c.compute_dtype),
+                        memory=memory_BSH, src_mask=src_mask_BS)
 
-    def decode(self, tgt_BT: Array, state: dict, memory_BSH: Array | None = None,
+    def init_cache(self, batch: int, max_len: int = 0, src_len: int = 1,
+                   dtype: Any = None) -> RNNState:
+        """A zeroed state of the shape `prefill` fills (max_len is unused: an RNN keeps no
+        per-token cache, only its carry)."""
+        c = self.config
+        dt = c.compute_dtype if dtype is None else dtype
+        carry = zero_carry(c.cell, batch, c.d_hidden, dt)
+        if c.attention is None:
+            return RNNState(carry=carry)
+        memory = jnp.zeros((batch, src_len, c.d_hidden), dt)
+        extra = ({"keys": memory} if c.attention == "bahdanau" else
+                 {"feed": jnp.zeros((batch, c.d_hidden), dt)})
+        return RNNState(carry=carry, memory=memory, src_mask=jnp.zeros((batch, src_len), bool),
+                        **extra)
+
+    def prefill(self, src_BS: Array, src_mask_BS: Array, state: RNNState):
+        """(logits [B, V] of the first target token, state): encode, then feed bos_id."""
+        memory_BSH, final = self.encode(src_BS, src_mask_BS)
+        state = overwrite(state, self.init_decode_state(memory_BSH, final, src_mask_BS))
+        return self.decode_step(jnp.full(src_BS.shape[:1], self.config.bos_id, jnp.int32), state)
+
+    def decode_step(self, token_B: Array, state: RNNState):
+        """(logits [B, V], state): one cell update."""
+        logits_B1V, state = self.decode(token_B[:, None], state)
+        return logits_B1V[:, 0], constrain(state)
+
+    def decode(self, tgt_BT: Array, state: RNNState, memory_BSH: Array | None = None,
                src_mask_BS: Array | None = None, tgt_mask_BT: Array | None = None):
         """(logits [B, T, V] fp32, new state) for decoder inputs `tgt_BT`.
 
@@ -190,19 +215,23 @@ class RNNSeq2Seq(nn.Module):
         `tgt_mask_BT` is False the state does not advance (ragged prefixes in one batch).
         """
         _check_tokens("tgt_BT", tgt_BT, tgt_mask_BT)
+        if not isinstance(state, RNNState):
+            raise ValueError(f"state must be an RNNState (from init_decode_state or init_cache), "
+                             f"got {type(state).__name__}")
         c = self.config
         if c.attention is not None and memory_BSH is not None:
-            fresh = self.init_decode_state(memory_BSH, state["carry"], src_mask_BS)
-            state = {**fresh, **{k: state[k] for k in ("carry", "feed") if k in state}}
-        if c.attention is not None and "memory" not in state:
+            fresh = self.init_decode_state(memory_BSH, state.carry, src_mask_BS)
+            state = fresh.replace(feed=state.feed) if state.feed is not None else fresh
+        if c.attention is not None and state.memory is None:
             raise ValueError("an attention decoder needs the encoder memory: build the state "
                              "with init_decode_state(memory, final, src_mask) or pass memory_BSH")
-        static = {k: state[k] for k in ("memory", "keys", "src_mask") if k in state}
-        loop = {k: state[k] for k in ("carry", "feed") if k in state}
+        loop = {"carry": state.carry} if state.feed is None else {"carry": state.carry,
+                                                                   "feed": state.feed}
         live_BT = (jnp.ones(tgt_BT.shape, bool) if tgt_mask_BT is None
                    else tgt_mask_BT.astype(bool))
+        static = state.replace(carry=None, feed=None)
         loop, out_BTX = self.decoder(loop, self.tgt_embed(tgt_BT), live_BT, static)
-        return self.out(out_BTX).astype(jnp.float32), {**state, **loop}
+        return self.out(out_BTX).astype(jnp.float32), state.replace(**loop)
 
     def __call__(self, src_BS: Array, tgt_BT: Array, src_mask_BS: Array | None = None,
                  tgt_mask_BT: Array | None = None, deterministic: bool = True) -> Array:

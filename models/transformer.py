@@ -4,9 +4,16 @@ One block serves all three; switches pick the norm, MLP, positions, biases and L
 Shape letters: B batch, T target/query length, S source length, L cache slots,
 E model width, V vocabulary, K kv heads, D head dim.
 
-KV cache (the inference package makes it): {"lengths": int32[B],
-"layers": ({"k": [B, L, K, D], "v": [B, L, K, D]}, ...)}; an encoder-decoder cache adds
-"cross": ((k_BSKD, v_BSKD), ...) and "src_mask": bool[B, S].
+Decoding (see models/cache.py for the cache types each model owns):
+
+    cache = model.init_cache(batch, max_len, src_len)      # no params needed
+    logits_BV, cache = model.apply(v, prompt_BT, mask_BT, cache, method=model.prefill)
+    logits_BV, cache = model.apply(v, token_B, cache, method=model.decode_step)
+
+`prefill` reads right-padded prompts (the encoder-decoder: sources) in one parallel pass and
+returns only the logits that predict each row's first new token, taken at its last real
+position (no [B, T, V] logits); `decode_step` feeds one token per row. `__call__` is the
+teacher-forced forward used in training and takes no cache.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from .attention import MultiHeadAttention, combine_masks, padding_mask, segment_mask
+from .cache import EncDecCache, KVCache, constrain
 from .config import EncDecConfig, LMConfig
 from .sharding import constrain_activations
 from .layers import MLP, default_positions, dense, embed, embed_scale, norm, sinusoidal_positions
@@ -64,31 +72,34 @@ class Block(nn.Module):
         self.mlp = MLP(self.d_model, self.d_ff, self.activation, self.use_bias, **common)
         self.drop = nn.Dropout(self.dropout)
 
-    def _residual(self, x, norm_fn, fn, deterministic):
-        if self.pre_ln:
-            return x + self.drop(fn(norm_fn(x)), deterministic=deterministic)
-        return norm_fn(x + self.drop(fn(x), deterministic=deterministic))
+    def _add(self, x, y, norm_fn, deterministic):
+        """Residual connection: pre-LN normalised the branch's input, post-LN the sum."""
+        x = x + self.drop(y, deterministic=deterministic)
+        return x if self.pre_ln else norm_fn(x)
+
+    def _in(self, x, norm_fn):
+        return norm_fn(x) if self.pre_ln else x
 
     # Positional (not keyword-only): under `nn.remat` the Python flags is_causal and
     # deterministic must be static, and jax.checkpoint makes only positional args static.
-    def __call__(self, x_BTE, mask=None, positions_BT=None, is_causal=False, cache=None,
+    def __call__(self, x_BTE, mask=None, positions_BT=None, is_causal=False, kv=None,
                  cache_index=None, cross_kv=None, cross_mask=None, deterministic=True):
-        new_cache = None
-
-        def self_attn(h):
-            nonlocal new_cache
-            out = self.attn(h, mask=mask, positions_BT=positions_BT, cache=cache,
-                            cache_index=cache_index, is_causal=is_causal)
-            if cache is not None:
-                out, new_cache = out
-            return out
-
-        x_BTE = self._residual(x_BTE, self.attn_norm, self_attn, deterministic)
+        """(x_BTE, kv): kv is this layer's (keys, values) cache after the write (None
+        without a cache)."""
+        h = self._in(x_BTE, self.attn_norm)
+        if kv is None:
+            a = self.attn(h, mask=mask, positions_BT=positions_BT, is_causal=is_causal)
+        else:
+            a, kv = self.attn(h, mask=mask, positions_BT=positions_BT, cache=kv,
+                              cache_index=cache_index, is_causal=is_causal)
+        x_BTE = self._add(x_BTE, a, self.attn_norm, deterministic)
         if self.cross:
-            cross = lambda h: self.cross_attn(h, kv_proj=cross_kv, mask=cross_mask)  # noqa: E731
-            x_BTE = self._residual(x_BTE, self.cross_norm, cross, deterministic)
-        x_BTE = self._residual(x_BTE, self.mlp_norm, self.mlp, deterministic)
-        return x_BTE, new_cache
+            a = self.cross_attn(self._in(x_BTE, self.cross_norm), kv_proj=cross_kv,
+                                mask=cross_mask)
+            x_BTE = self._add(x_BTE, a, self.cross_norm, deterministic)
+        x_BTE = self._add(x_BTE, self.mlp(self._in(x_BTE, self.mlp_norm)), self.mlp_norm,
+                          deterministic)
+        return x_BTE, kv
 
     def project_cross(self, memory_BSE):
         return self.cross_attn.project_kv(memory_BSE)
@@ -114,31 +125,35 @@ def block_class(remat: str) -> type[nn.Module]:
     return nn.remat(Block, static_argnums=_STATIC_ARGNUMS, policy=policies[remat])
 
 
-def cache_mask(positions_BT: Array, slots: int) -> Array:
-    """[B, 1, T, L]: a query at position p sees cache slots 0..p (written ones only)."""
-    return (jnp.arange(slots)[None, None, None, :] <= positions_BT[:, None, :, None])
+def run_layers(layers, x_BTE, mask, positions_BT, is_causal, cache: KVCache | None,
+               cross=None, cross_mask=None, deterministic=True):
+    """The block stack, with or without a cache: (x_BTE, each layer's written (k, v))."""
+    kv_layers = []
+    for i, layer in enumerate(layers):
+        x_BTE, kv = layer(x_BTE, mask, positions_BT, is_causal,
+                          None if cache is None else cache.layer(i),
+                          None if cache is None else cache.lengths,
+                          None if cross is None else cross[i], cross_mask, deterministic)
+        x_BTE = constrain_activations(x_BTE)
+        kv_layers.append(kv)
+    return x_BTE, kv_layers
 
 
-def _advance(cache: dict, new_layers, padding_mask_BT, T: int) -> dict:
-    """Lengths grow by the real (non-pad) tokens written; pads are overwritten later."""
-    written = T if padding_mask_BT is None else padding_mask_BT.sum(-1).astype(jnp.int32)
-    return {**cache, "layers": tuple(new_layers), "lengths": cache["lengths"] + written}
-
-
-def _self_attention_inputs(tokens_BT, positions_BT, padding_mask_BT, segment_ids_BT, cache):
-    """Positions, mask and causality flag for a no-cache or a cached call."""
-    if cache is not None:
-        if positions_BT is None:
-            T = tokens_BT.shape[1]
-            positions_BT = cache["lengths"][:, None] + jnp.arange(T, dtype=jnp.int32)[None]
-        slots = cache["layers"][0]["k"].shape[1]
-        return positions_BT, cache_mask(positions_BT, slots), False
+def teacher_forced_inputs(tokens_BT, positions_BT, padding_mask_BT, segment_ids_BT):
+    """Positions and mask of a cache-free forward (causality is applied by the kernel)."""
     if positions_BT is None:
         positions_BT = default_positions(tokens_BT)
     mask = combine_masks(
         None if padding_mask_BT is None else padding_mask(padding_mask_BT),
         None if segment_ids_BT is None else segment_mask(segment_ids_BT, segment_ids_BT))
-    return positions_BT, mask, True
+    return positions_BT, mask
+
+
+def last_real(x_BT_, mask_BT: Array) -> Array:
+    """x at each row's last real position (right padding): [B, T, ...] -> [B, ...]."""
+    last_B = jnp.maximum(mask_BT.sum(-1).astype(jnp.int32) - 1, 0)
+    return jnp.take_along_axis(x_BT_, last_B.reshape((-1, 1) + (1,) * (x_BT_.ndim - 2)),
+                               axis=1)[:, 0]
 
 
 class DecoderLM(nn.Module):
@@ -167,32 +182,52 @@ class DecoderLM(nn.Module):
             self.lm_head = dense(c.vocab_size, ("embed", "vocab"), False, dt, pdt, "lm_head")
         self.drop = nn.Dropout(c.dropout)
 
-    def __call__(self, tokens_BT: Array, positions_BT: Array | None = None,
-                 padding_mask_BT: Array | None = None, segment_ids_BT: Array | None = None,
-                 cache: dict | None = None, deterministic: bool = True,
-                 return_hidden: bool = False):
-        """Logits [B, T, V]; with a cache, (logits, new_cache). `padding_mask_BT` True = real."""
+    def init_cache(self, batch: int, max_len: int, src_len: int = 0,
+                   dtype: Any = None) -> KVCache:
+        """An empty cache for `batch` rows of up to `max_len` tokens (compute dtype)."""
         c = self.config
-        positions_BT, mask, is_causal = _self_attention_inputs(
-            tokens_BT, positions_BT, padding_mask_BT, segment_ids_BT, cache)
+        return KVCache.init(c.n_layers, batch, max_len, c.n_kv_heads, c.dim_per_head,
+                            c.compute_dtype if dtype is None else dtype)
+
+    def _trunk(self, tokens_BT, positions_BT, mask, is_causal, cache, deterministic):
+        """Final hidden states [B, T, E] and each layer's written (k, v)."""
         x_BTE = self.embed(tokens_BT)
-        if c.flavor != "llama":
+        if self.config.flavor != "llama":
             x_BTE = x_BTE + self.pos_embed(positions_BT)
         x_BTE = constrain_activations(self.drop(x_BTE, deterministic=deterministic))
-        new_layers = []
-        for i, layer in enumerate(self.layers):
-            x_BTE, lc = layer(x_BTE, mask, positions_BT, is_causal,
-                              None if cache is None else cache["layers"][i],
-                              None if cache is None else cache["lengths"],
-                              None, None, deterministic)
-            x_BTE = constrain_activations(x_BTE)
-            new_layers.append(lc)
-        h_BTE = self.final_norm(x_BTE)
+        x_BTE, kv_layers = run_layers(self.layers, x_BTE, mask, positions_BT, is_causal, cache,
+                                      deterministic=deterministic)
+        return self.final_norm(x_BTE), kv_layers
+
+    def __call__(self, tokens_BT: Array, positions_BT: Array | None = None,
+                 padding_mask_BT: Array | None = None, segment_ids_BT: Array | None = None,
+                 deterministic: bool = True, return_hidden: bool = False):
+        """Logits [B, T, V] (with return_hidden, (logits, final hidden [B, T, E])).
+        `padding_mask_BT` True = real token; `segment_ids_BT` confines attention to packed
+        documents."""
+        positions_BT, mask = teacher_forced_inputs(tokens_BT, positions_BT, padding_mask_BT,
+                                                   segment_ids_BT)
+        h_BTE, _ = self._trunk(tokens_BT, positions_BT, mask, True, None, deterministic)
         logits_BTV = self.logits(h_BTE)
-        out = (logits_BTV, h_BTE) if return_hidden else logits_BTV
-        if cache is None:
-            return out
-        return out, _advance(cache, new_layers, padding_mask_BT, tokens_BT.shape[1])
+        return (logits_BTV, h_BTE) if return_hidden else logits_BTV
+
+    def _cached(self, tokens_BT, cache: KVCache):
+        positions_BT = cache.positions(tokens_BT.shape[1])
+        return self._trunk(tokens_BT, positions_BT, cache.attend_mask(positions_BT), False,
+                           cache, True)
+
+    def prefill(self, tokens_BT: Array, mask_BT: Array, cache: KVCache):
+        """(logits [B, V] for each row's next token, cache): right-padded prompts appended to
+        the cache in one pass; logits are computed at the last real position only."""
+        h_BTE, kv_layers = self._cached(tokens_BT, cache)
+        written_B = mask_BT.sum(-1).astype(jnp.int32)
+        return self.logits(last_real(h_BTE, mask_BT)), constrain(cache.advance(kv_layers,
+                                                                                written_B))
+
+    def decode_step(self, token_B: Array, cache: KVCache):
+        """(logits [B, V], cache): one token per row appended."""
+        h_B1E, kv_layers = self._cached(token_B[:, None], cache)
+        return self.logits(h_B1E[:, 0]), constrain(cache.advance(kv_layers, 1))
 
     def logits(self, h_BTE: Array) -> Array:
         if self.config.tie_embeddings:
@@ -237,44 +272,56 @@ class EncoderDecoder(nn.Module):
         table = self.embed if self.config.share_embeddings else self.src_embed
         x = self._embed(src_BS, default_positions(src_BS), table, deterministic)
         mask = None if src_mask_BS is None else padding_mask(src_mask_BS)
-        for layer in self.encoder:
-            x, _ = layer(x, mask, None, False, None, None, None, None, deterministic)
-            x = constrain_activations(x)
+        x, _ = run_layers(self.encoder, x, mask, None, False, None, deterministic=deterministic)
         return self.encoder_norm(x) if self.config.pre_ln else x
 
     def cross_kv(self, memory_BSE: Array):
         """Every decoder layer's cross-attention keys/values, computed once per source."""
         return tuple(layer.project_cross(memory_BSE) for layer in self.decoder)
 
-    def decode(self, tgt_BT: Array, memory_BSE: Array | None = None,
-               src_mask_BS: Array | None = None, tgt_mask_BT: Array | None = None,
-               cache: dict | None = None, positions_BT: Array | None = None,
-               deterministic: bool = True):
-        """Target logits [B, T, V]; with a cache (holding 'cross' and 'src_mask'), (logits, cache)."""
+    def _decoder(self, tgt_BT, positions_BT, mask, is_causal, cache, cross, src_mask_BS,
+                 deterministic):
         c = self.config
-        positions_BT, mask, is_causal = _self_attention_inputs(
-            tgt_BT, positions_BT, tgt_mask_BT, None, cache)
-        if cache is not None:
-            cross, src_mask_BS = cache["cross"], cache["src_mask"]
-        else:
-            cross = self.cross_kv(memory_BSE)
         cross_mask = None if src_mask_BS is None else padding_mask(src_mask_BS)
         table = self.embed if c.share_embeddings else self.tgt_embed
         x = self._embed(tgt_BT, positions_BT, table, deterministic)
-        new_layers = []
-        for i, layer in enumerate(self.decoder):
-            x, lc = layer(x, mask, positions_BT, is_causal,
-                          None if cache is None else cache["layers"][i],
-                          None if cache is None else cache["lengths"],
-                          cross[i], cross_mask, deterministic)
-            x = constrain_activations(x)
-            new_layers.append(lc)
+        x, kv_layers = run_layers(self.decoder, x, mask, positions_BT, is_causal, cache, cross,
+                                  cross_mask, deterministic)
         if c.pre_ln:
             x = self.decoder_norm(x)
-        logits = (self.embed.attend(x) if c.share_embeddings else self.lm_head(x)).astype(jnp.float32)
-        if cache is None:
-            return logits
-        return logits, _advance(cache, new_layers, tgt_mask_BT, tgt_BT.shape[1])
+        out = self.embed.attend(x) if c.share_embeddings else self.lm_head(x)
+        return out.astype(jnp.float32), kv_layers
+
+    def decode(self, tgt_BT: Array, memory_BSE: Array, src_mask_BS: Array | None = None,
+               tgt_mask_BT: Array | None = None, positions_BT: Array | None = None,
+               deterministic: bool = True):
+        """Teacher-forced target logits [B, T, V] given the encoder's memory."""
+        positions_BT, mask = teacher_forced_inputs(tgt_BT, positions_BT, tgt_mask_BT, None)
+        return self._decoder(tgt_BT, positions_BT, mask, True, None, self.cross_kv(memory_BSE),
+                             src_mask_BS, deterministic)[0]
+
+    def init_cache(self, batch: int, max_len: int, src_len: int = 1,
+                   dtype: Any = None) -> EncDecCache:
+        """An empty cache: `max_len` target slots, cross keys/values for `src_len` sources."""
+        c = self.config
+        return EncDecCache.init(c.n_decoder_layers, batch, max_len, src_len, c.n_heads,
+                                c.dim_per_head, c.compute_dtype if dtype is None else dtype)
+
+    def prefill(self, src_BS: Array, src_mask_BS: Array, cache: EncDecCache):
+        """(logits [B, V] of the first target token, cache): the encoder runs once, each
+        decoder layer's cross keys/values are stored, then config.bos_id is fed."""
+        ks, vs = zip(*self.cross_kv(self.encode(src_BS, src_mask_BS)))
+        cache = cache.with_source(ks, vs, src_mask_BS)
+        return self.decode_step(jnp.full(src_BS.shape[:1], self.config.bos_id, jnp.int32), cache)
+
+    def decode_step(self, token_B: Array, cache: EncDecCache):
+        """(logits [B, V], cache): one target token per row appended."""
+        kv = cache.self_attn
+        positions_B1 = kv.positions(1)
+        logits_B1V, kv_layers = self._decoder(
+            token_B[:, None], positions_B1, kv.attend_mask(positions_B1), False, kv,
+            tuple(zip(cache.cross_k, cache.cross_v)), cache.src_mask, True)
+        return logits_B1V[:, 0], constrain(cache.replace(self_attn=kv.advance(kv_layers, 1)))
 
     def __call__(self, src_BS: Array, tgt_BT: Array, src_mask_BS: Array | None = None,
                  tgt_mask_BT: Array | None = None, deterministic: bool = True):

@@ -66,7 +66,8 @@ def test_export_refuses_a_non_empty_out_unless_forced(workdirs, tmp_path, capsys
                            "to replace it, or choose another directory")
     assert os.listdir(out) == ["keep.txt"]
     assert main(["export", "--model", workdirs["gpt"], "--out", str(out), "--force"]) == 0
-    assert sorted(os.listdir(out)) == ["config.json", "fmzoo_tokenizer.json", "model.safetensors"]
+    assert sorted(os.listdir(out)) == ["config.json", "fmzoo_tokenizer.json",
+                                       "generation_config.json", "model.safetensors"]
     assert sorted(os.listdir(tmp_path)) == ["out"]
 
 

@@ -7,6 +7,7 @@ transformers + torch and saved with save_pretrained(safe_serialization=True).
 import json
 import os
 import shutil
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -113,12 +114,13 @@ def test_llama3_rope_scaling_matters(saved):
     assert np.abs(got - want).max() > 1e-2
 
 
-def _hf_greedy(model, prompt, n):
-    model.generation_config.eos_token_id = None  # run all n steps, as fmzoo does with eos_id=None
+def _hf_generate(model, prompt, eos_token_id=None, **kw):
+    """transformers' greedy continuation, EOS included when it stops at one; with
+    eos_token_id None it runs every step, as fmzoo does with eos_id=None."""
+    model.generation_config.eos_token_id = eos_token_id
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
-                             dtype=torch.long), max_new_tokens=n, do_sample=False,
-                             pad_token_id=0)
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(
+            1, len(prompt), dtype=torch.long), do_sample=False, pad_token_id=0, **kw)
     return out[0, len(prompt):].tolist()
 
 
@@ -132,7 +134,52 @@ def test_greedy_generation_matches_transformers(saved, name):
     got = generate(loaded.model, loaded.params, prompts, max_new_tokens=32, temperature=0.0,
                    eos_id=None)
     for prompt, tokens in zip(prompts, got):
-        assert list(tokens) == _hf_greedy(hf_model, prompt, 32)
+        assert list(tokens) == _hf_generate(hf_model, prompt, max_new_tokens=32)
+
+
+@pytest.mark.parametrize("name", ["gpt2-untied", "llama-gqa-untied"])
+def test_history_processors_and_eos_lists_match_transformers(saved, name):
+    """repetition_penalty, min_new_tokens and a two-id EOS list, greedy, against generate()."""
+    from fmzoo.infer import generate
+    directory, hf_model = saved[name]
+    loaded = from_hf(directory)
+    rng = np.random.RandomState(3)
+    prompts = [rng.randint(3, V, n).tolist() for n in (6, 11)]
+    run = lambda **kw: generate(loaded.model, loaded.params, prompts, max_new_tokens=20,  # noqa
+                                **kw)
+    free = run()
+    rep = run(repetition_penalty=1.8)
+    assert rep != free  # the penalty bites on these models
+    for prompt, tokens in zip(prompts, rep):
+        assert tokens == _hf_generate(hf_model, prompt, max_new_tokens=20, repetition_penalty=1.8)
+    # two EOS ids taken from the free continuations: each row stops at whichever comes first
+    eos = [free[0][7], free[1][4]]
+    stopped = run(eos_id=eos)
+    assert any(len(t) < 20 for t in stopped)
+    for prompt, tokens in zip(prompts, stopped):
+        assert tokens == _hf_generate(hf_model, prompt, max_new_tokens=20, eos_token_id=eos)
+    late = run(eos_id=eos, min_new_tokens=9)
+    for prompt, tokens in zip(prompts, late):
+        assert tokens == _hf_generate(hf_model, prompt, max_new_tokens=20, eos_token_id=eos,
+                                      min_new_tokens=9)
+        assert not set(tokens[:9]) & set(eos)
+
+
+def test_generation_up_to_the_context_limit_matches_transformers(saved):
+    """GPT-2 (learned positions, 48): prompt + new = max_len + 1, the last token never fed.
+    Llama (rotary, 64 positions): past max_position_embeddings, with a warning."""
+    from fmzoo.infer import generate
+    rng = np.random.RandomState(4)
+    for name, n_prompt, n_new in (("gpt2-untied", 40, 9), ("llama-gqa-untied", 60, 12)):
+        directory, hf_model = saved[name]
+        loaded = from_hf(directory)
+        prompt = rng.randint(3, V, n_prompt).tolist()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = generate(loaded.model, loaded.params, [prompt], max_new_tokens=n_new)[0]
+        beyond = [w for w in caught if "not trained at these lengths" in str(w.message)]
+        assert bool(beyond) == name.startswith("llama")
+        assert got == _hf_generate(hf_model, prompt, max_new_tokens=n_new)
 
 
 @pytest.mark.parametrize("name", ["gpt2-untied", "llama3-rope-tied"])
@@ -323,7 +370,7 @@ def test_cli_generate_with_checkpoint_tokenizer(with_tokenizer, saved, capsys):
     tok = from_hf(str(with_tokenizer)).tokenizer
     prompt = "hello world from the"
     _, hf_model = saved["llama3-rope-tied"]
-    want = tok.decode(_hf_greedy(hf_model, tok.encode(prompt, add_bos=True), 4))
+    want = tok.decode(_hf_generate(hf_model, tok.encode(prompt, add_bos=True), max_new_tokens=4))
     assert len(want.split()) >= 2
     assert main(["generate", "--model", str(with_tokenizer), "--prompt", prompt,
                  "--max-new-tokens", "4", "--temperature", "0", "--no-eos"]) == 0

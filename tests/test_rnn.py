@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from fmzoo.models import get_config, registry
+from fmzoo.models.cache import RNNState
 from fmzoo.models.rnn import RNNSeq2Seq, open_keep_gates, state_gradient_norms
 from fmzoo.models.registry import place_params
 
@@ -333,4 +334,6 @@ def test_bad_inputs_fail_clearly():
         fwd(params, src, tgt[:1])
     final, _ = runner(config)(params, src, tgt, full(SRC))
     with pytest.raises(ValueError, match="needs the encoder memory"):
+        jitted(config, "decode")(params, tgt, RNNState(carry=final, feed=final))
+    with pytest.raises(ValueError, match="state must be an RNNState .*got dict"):
         jitted(config, "decode")(params, tgt, {"carry": final, "feed": final})
