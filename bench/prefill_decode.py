@@ -17,9 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
+
+from decode import timed  # bench/decode.py, next to this script
 
 
 def _value(v: str):
@@ -29,16 +29,6 @@ def _value(v: str):
         except ValueError:
             pass
     return v
-
-
-def timed(fn, reps: int) -> float:
-    fn()  # compile
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
 
 
 def main(argv=None) -> int:

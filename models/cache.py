@@ -102,9 +102,6 @@ class KVCache:
         return _map_axes(self, lambda x: ("batch",) if x.ndim == 1 else
                          ("batch", "cache_len", "kv_heads", "head_dim"))
 
-    def nbytes(self) -> int:
-        return sum(x.size * x.dtype.itemsize for x in self.k + self.v)
-
 
 def overwrite(old: Any, new: Any) -> Any:
     """`new` written into `old`'s buffers (same tree; each new leaf fits at offset 0). The
