@@ -17,7 +17,9 @@ COMMANDS = {
     "models": "fmzoo.cli_models",
     "forward": "fmzoo.cli_models",
     "generate": "fmzoo.cli_generate",
+    "chat": "fmzoo.cli_chat",
     "train": "fmzoo.cli_train",
+    "sft": "fmzoo.cli_sft",
     "eval": "fmzoo.cli_eval",
     "export": "fmzoo.cli_export",
 }

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-HELP = {"models": "print the zoo: preset, family, parameters, layers, width, heads",
+HELP = {"models": "print the zoo: preset, family, parameters, layers, width, heads and "
+                  "training recipe (peak lr, warm-up, schedule: what `fmzoo train` uses "
+                  "unless --lr / --warmup / --schedule are given)",
         "forward": "run one forward pass of a small preset of each family"}
 
 
@@ -20,12 +22,15 @@ def add_forward_arguments(p):
 
 def zoo_rows():
     from fmzoo.models import count_params, family_name, get_config, list_models
+    from fmzoo.models.recipes import recipe_for
     rows = []
     for name in list_models():
         c = get_config(name)
+        r = recipe_for(name)
         rows.append({"preset": name, "family": family_name(c), "params": count_params(c),
                      "layers": c.n_layers if hasattr(c, "n_layers") else 1,
-                     "d_model": c.d_model, "heads": getattr(c, "n_heads", "-")})
+                     "d_model": c.d_model, "heads": getattr(c, "n_heads", "-"),
+                     "lr": f"{r['lr']:g}", "warmup": r["warmup"], "schedule": r["schedule"]})
     return rows
 
 
@@ -44,7 +49,8 @@ def run_models(args) -> int:
         import json
         print(json.dumps(rows, indent=2))
     else:
-        print(format_table(rows, ["preset", "family", "params", "layers", "d_model", "heads"]))
+        print(format_table(rows, ["preset", "family", "params", "layers", "d_model", "heads",
+                                  "lr", "warmup", "schedule"]))
     return 0
 
 

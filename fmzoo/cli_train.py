@@ -21,6 +21,10 @@ def add_arguments(p):
     from fmzoo.train.config import Settings, add_arguments as add_settings
     p.epilog = EPILOG
     add_settings(p, Settings)
+    add_multihost_arguments(p)
+
+
+def add_multihost_arguments(p):
     g = p.add_argument_group("multi-host")
     g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                    help="HOST:PORT of process 0; when not given, $JAX_COORDINATOR_ADDRESS")
@@ -31,12 +35,20 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    def prepare(settings):
+        from fmzoo.train.pretrain import prepare
+        return prepare(settings)
+    return run_training(args, prepare)
+
+
+def run_training(args, prepare) -> int:
+    """Settings from the options, multi-host set up, `prepare(settings)` -> Trainer (every
+    user error reported before training), the run, and its summary and loss curve."""
     from fmzoo.train.config import from_args
     try:  # every user error surfaces here, before any training
         settings = from_args(args)
         from fmzoo.train.mesh import maybe_initialize_distributed
         maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-        from fmzoo.train.pretrain import prepare
         trainer = prepare(settings)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -54,6 +66,8 @@ def run(args) -> int:
     import jax
     print(f"done: step {summary.get('step')} loss {summary.get('loss', float('nan')):.4f}"
           + (f" eval loss {summary['eval_loss']:.4f}" if "eval_loss" in summary else "")
+          + (f" exact match {summary['eval_exact_match']:.3f}"
+             if "eval_exact_match" in summary else "")
           + f"; checkpoints and metrics in {trainer.workdir}")
     if jax.process_index() == 0:
         from fmzoo.train.metrics import plot_metrics

@@ -120,7 +120,10 @@ def logical_shardings(logical_specs: Any, shapes: Any, mesh: Mesh,
     named = nn.logical_to_mesh_sharding(specs, mesh, rules)
     leaves, treedef = jax.tree.flatten(named, is_leaf=lambda x: isinstance(x, NamedSharding))
     shape_leaves = treedef.flatten_up_to(shapes)
+    # an empty node (optax's MaskedNode: a NamedTuple, so flax took it for a spec) stays as
+    # it is: it holds no array
     return treedef.unflatten([NamedSharding(mesh, fit_spec(tuple(s.shape), sh.spec, mesh.shape))
+                              if hasattr(s, "shape") else s
                               for sh, s in zip(leaves, shape_leaves)])
 
 

@@ -244,6 +244,18 @@ def _restore_params(step_dir: str, shapes: Any, shardings: Any, where: str) -> A
         handler.close()
 
 
+def _lora_spec(run: dict, path: str) -> Any:
+    """The LoraSpec of a LoRA run's workdir, else None."""
+    if "lora" not in run:
+        return None
+    from .lora import LoraError, LoraSpec
+    try:
+        return LoraSpec.from_dict(run["lora"])
+    except LoraError as e:
+        raise CheckpointError(f"the 'lora' entry of {os.path.join(path, RUN_FILE)} is corrupt "
+                              f"({e}); restore it from a backup") from None
+
+
 def load_workdir(path: str, *, mesh: Any = None, step: int | None = None,
                  dtype: str | None = None, **overrides) -> Loaded:
     """The latest (or given) checkpoint's params with model, config and tokenizer.
@@ -259,7 +271,9 @@ def load_workdir(path: str, *, mesh: Any = None, step: int | None = None,
     from .tokenizer import load_tokenizer
 
     path = os.path.abspath(os.path.expanduser(path))
-    config = apply_overrides(read_run_file(path)["config"], dtype, overrides)
+    run = read_run_file(path)
+    config = apply_overrides(run["config"], dtype, overrides)
+    lora_spec = _lora_spec(run, path)
     ckpt_dir = os.path.join(path, CKPT_DIR)
     steps = committed_steps(ckpt_dir)
     if not steps:
@@ -274,13 +288,24 @@ def load_workdir(path: str, *, mesh: Any = None, step: int | None = None,
     if damage:
         raise CheckpointError(damaged_message(ckpt_dir, step, damage,
                                               latest_intact(ckpt_dir, below=step)))
-    shapes = registry.param_shapes(config)
+    if lora_spec is None:
+        shapes = registry.param_shapes(config)
+    else:  # a LoRA run saved {"base": params, "lora": adapters}: merged at the stored dtype
+        from . import lora
+        shapes = lora.tree_shapes(run["config"], lora_spec)
     if mesh is None:
         shardings = jax.tree.map(lambda _: SingleDeviceSharding(jax.local_devices()[0]), shapes)
-    else:
+    elif lora_spec is None:
         shardings = registry.param_shardings_for(config, mesh)
+    else:
+        shardings = lora.tree_shardings(config, lora_spec, mesh)
     params = _restore_params(step_dir, shapes, shardings,
                              f"the checkpoint at step {step} in {ckpt_dir}")
+    if lora_spec is not None:  # every consumer (generate, export, eval) sees a plain model
+        want = registry.param_shapes(config)  # the dtype asked for
+        params = jax.jit(lambda t: jax.tree.map(lambda x, w: x.astype(w.dtype),
+                                                lora.merge_tree(t, lora_spec), want),
+                         out_shardings=shardings["base"])(params)
     tok_dir = os.path.join(path, TOKENIZER_DIR)
     tokenizer = load_tokenizer(tok_dir) if os.path.isdir(tok_dir) else None
     return Loaded(registry.build(config), params, config, tokenizer, source=path)

@@ -17,10 +17,12 @@ def test_models_table(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     header = out.splitlines()[0].split()
-    assert header == ["preset", "family", "params", "layers", "d_model", "heads"]
+    assert header == ["preset", "family", "params", "layers", "d_model", "heads", "lr",
+                      "warmup", "schedule"]
     rows = {line.split()[0]: line.split() for line in out.splitlines()[2:]}
-    assert rows["gpt2-124m"][1:] == ["gpt2", "124,439,808", "12", "768", "12"]
-    assert rows["llama-3.2-1b"][1:] == ["llama", "1,235,814,400", "16", "2048", "32"]
+    assert rows["gpt2-124m"][1:6] == ["gpt2", "124,439,808", "12", "768", "12"]
+    assert rows["llama-3.2-1b"][1:6] == ["llama", "1,235,814,400", "16", "2048", "32"]
+    assert rows["transformer-base"][6:] == ["0.0007", "4000", "rsqrt"]  # the recipe
     assert rows["rnn-seq2seq"][1] == "rnn"
 
 

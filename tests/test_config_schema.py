@@ -35,7 +35,7 @@ def test_help_shows_every_option_once_with_help_and_one_default():
         assert len(re.findall(rf"^\s+{flag}(?=[\s,])", text, re.M)) == 1, flag
     assert "(default: None)" not in text and "(default: False)" not in text
     flat = " ".join(text.split())
-    assert flat.count("(default: 'gpt-tiny')") == 1 and "(default: 0.003)" in flat
+    assert flat.count("(default: 'gpt-tiny')") == 1 and "(default: 0.1)" in flat
     for action in parser()._actions:
         assert action.help and action.help.strip(), action.dest  # no option without help
         assert (action.help or "").count("(default") <= 1

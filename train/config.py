@@ -33,6 +33,8 @@ from typing import Any
 
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots")
+SCHEDULES = ("cosine", "rsqrt")
+RECIPE_FIELDS = ("lr", "warmup", "schedule")  # the optim fields a recipe may fill
 
 
 def config_error(msg: str) -> Exception:
@@ -148,7 +150,9 @@ class ModelSection(Section):
 
 
 @dataclasses.dataclass(frozen=True)
-class DataSection(Section):
+class DataSourceSection(Section):
+    """What every training command reads: the dataset, where it is prepared, the batch and
+    the tokenizer; each command adds its row lengths (and its own default dataset)."""
     NAME: typing.ClassVar[str] = "data"
     name: str = setting("python_docs", "dataset: an embedded name (python_docs, "
                         "algorithmic/reverse, ...), a text/JSONL file or directory, or a "
@@ -159,22 +163,34 @@ class DataSection(Section):
                             "algorithmic/*", flag="--data-opt", action="pairs",
                             metavar="KEY=VALUE")
     batch_size: int = setting(16, "global batch size (rows, over all processes)", min=1)
-    seq_len: int = setting(128, "LM row length; for seq2seq the source and target length "
-                           "unless --src-len / --tgt-len are given", min=1)
-    src_len: int | None = setting(None, "seq2seq source length; when not given, --seq-len",
-                                  min=1)
-    tgt_len: int | None = setting(None, "seq2seq target length; when not given, --seq-len",
-                                  min=1)
     tokenizer: str | None = setting(None, "tokenizer directory; when not given, the "
                                     "starting workdir's or HF dir's tokenizer, else bytes",
                                     metavar="DIR")
 
 
 @dataclasses.dataclass(frozen=True)
+class DataSection(DataSourceSection):
+    seq_len: int = setting(128, "LM row length; for seq2seq the source and target length "
+                           "unless --src-len / --tgt-len are given", min=1)
+    src_len: int | None = setting(None, "seq2seq source length; when not given, --seq-len",
+                                  min=1)
+    tgt_len: int | None = setting(None, "seq2seq target length; when not given, --seq-len",
+                                  min=1)
+
+
+@dataclasses.dataclass(frozen=True)
 class OptimSection(Section):
     NAME: typing.ClassVar[str] = "optim"
-    lr: float = setting(3e-3, "peak learning rate (AdamW, warm-up then cosine decay)", min=0.0)
-    warmup: int = setting(100, "linear warm-up steps", min=0)
+    # None = the model's recipe (models/recipes.py, shown by `fmzoo models`): the command
+    # fills them before training, so the Trainer and the stored run record see numbers
+    lr: float | None = setting(None, "peak learning rate of AdamW; when not given, the "
+                               "model's recipe (see `fmzoo models`)", min=0.0)
+    warmup: int | None = setting(None, "warm-up steps (linear up to --lr); when not given, "
+                                 "the model's recipe", min=0)
+    schedule: str | None = setting(None, "learning-rate schedule: cosine (warm-up then cosine "
+                                   "decay to lr/10) or rsqrt (warm-up then 1/sqrt(step), the "
+                                   "Transformer paper's); when not given, the model's recipe",
+                                   choices=SCHEDULES)
     weight_decay: float = setting(0.1, "AdamW weight decay on matrices", min=0.0)
     clip_norm: float = setting(1.0, "gradient clipping by global norm (0 = off)", min=0.0)
     accum: int = setting(1, "gradient accumulation: microbatches per step", min=1)
@@ -289,6 +305,15 @@ class Settings:
         d = self.to_dict()
         d["run"] = {k: v for k, v in d["run"].items() if k not in ("resume", "progress")}
         return d
+
+
+def with_recipe(settings: Settings, recipe: dict) -> Settings:
+    """The settings with the optim fields the user left out (None) taken from `recipe`
+    ({'lr', 'warmup', 'schedule', ...}; other keys such as 'why' are ignored). A value the
+    user gave always wins; a field the recipe lacks stays None."""
+    fill = {k: recipe[k] for k in RECIPE_FIELDS
+            if k in recipe and recipe[k] is not None and getattr(settings.optim, k) is None}
+    return settings.replace(optim=fill) if fill else settings
 
 
 # --------------------------------------------------------------------- checks with a model

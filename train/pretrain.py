@@ -11,7 +11,7 @@ import math
 import os
 from typing import Any
 
-from .config import Settings, check_with_model, config_error
+from .config import Settings, check_with_model, config_error, with_recipe
 from .trainer import Task, Trainer, TrainingDiverged  # noqa: F401  (re-exported)
 
 
@@ -128,6 +128,16 @@ def _perplexity(prefix: str):
     return lambda m: {f"{prefix}perplexity": math.exp(min(m[f"{prefix}loss"], 50.0))}
 
 
+def resolve_recipe(settings: Settings, config: Any) -> Settings:
+    """The optim fields the user left out, filled: on --resume from the run's own record
+    (the schedule continues unchanged), else from the model's recipe (models/recipes.py)."""
+    from fmzoo.models.recipes import recipe_for, stored_recipe
+    if settings.run.resume:
+        stored = stored_recipe(os.path.abspath(os.path.expanduser(settings.run.workdir)))
+        settings = with_recipe(settings, stored or {})
+    return with_recipe(settings, recipe_for(settings.model.source, config=config))
+
+
 def prepare(settings: Settings, *, stop_after: int | None = None) -> Trainer:
     """Every check (model, dataset, lengths, tokenizer, mesh, batch, workdir), nothing
     written: a Trainer ready to `run()`. Raises ConfigError / MeshError / CheckpointError /
@@ -137,6 +147,7 @@ def prepare(settings: Settings, *, stop_after: int | None = None) -> Trainer:
     from . import data
     from .losses import data_kind, make_loss
     config, params, found_tok, info = starting_point(settings)
+    settings = resolve_recipe(settings, config)
     check_with_model(settings, config)
     d = settings.data
     kind = data.dataset_kind(d.name, data_dir=d.data_dir)  # unknown names raise here

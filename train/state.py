@@ -9,7 +9,7 @@ are laid out exactly as their parameters, counters and the rng are replicated.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import flax.struct
@@ -35,25 +35,38 @@ def create_train_state(params: Any, tx: optax.GradientTransformation, seed: int 
                       rng=jax.random.key_data(jax.random.key(seed)))
 
 
-def state_shapes(config: Any, tx: optax.GradientTransformation, seed: int = 0) -> TrainState:
+def init_params(config: Any, rng: jax.Array, lora: Any = None, *, boxed: bool = False) -> Any:
+    """The model's params; with a LoraSpec, {"base": params, "lora": adapters} (the adapters
+    drawn from a key of their own, so the base is the same with or without LoRA)."""
+    base = (registry.init_boxed if boxed else registry.init)(config, rng)
+    if lora is None:
+        return base
+    from fmzoo.models import lora as lora_lib
+    return {"base": base, "lora": lora_lib.init_adapters(base, lora, jax.random.fold_in(rng, 1),
+                                                         boxed=boxed)}
+
+
+def state_shapes(config: Any, tx: optax.GradientTransformation, seed: int = 0,
+                 lora: Any = None) -> TrainState:
     """ShapeDtypeStructs of a fresh TrainState; nothing is allocated."""
-    return jax.eval_shape(functools.partial(init_train_state, config, tx, seed=seed))
+    return jax.eval_shape(functools.partial(init_train_state, config, tx, seed=seed, lora=lora))
 
 
-def init_train_state(config: Any, tx: optax.GradientTransformation, seed: int = 0) -> TrainState:
-    params = registry.init(config, jax.random.key(seed))
-    return create_train_state(params, tx, seed)
+def init_train_state(config: Any, tx: optax.GradientTransformation, seed: int = 0,
+                     lora: Any = None) -> TrainState:
+    return create_train_state(init_params(config, jax.random.key(seed), lora), tx, seed)
 
 
-def boxed_state_shapes(config: Any, tx: optax.GradientTransformation) -> TrainState:
+def boxed_state_shapes(config: Any, tx: optax.GradientTransformation,
+                       lora: Any = None) -> TrainState:
     """An abstract TrainState whose params and optimiser moments are `nn.Partitioned` boxes."""
     return jax.eval_shape(lambda: create_train_state(
-        registry.init_boxed(config, jax.random.key(0)), tx))
+        init_params(config, jax.random.key(0), lora, boxed=True), tx))
 
 
 def state_shardings(config: Any, shapes: TrainState, mesh: Mesh,
                     tx: optax.GradientTransformation | None = None,
-                    rules=LOGICAL_AXIS_RULES) -> TrainState:
+                    rules=LOGICAL_AXIS_RULES, lora: Any = None) -> TrainState:
     """NamedShardings for every leaf of a TrainState (`shapes`) made with optimiser `tx`.
 
     `nn.get_partition_spec` of the boxed state + `nn.logical_to_mesh_sharding` under the
@@ -61,7 +74,7 @@ def state_shardings(config: Any, shapes: TrainState, mesh: Mesh,
     if tx is None:
         raise TypeError("state_shardings needs the optimiser that made the state: "
                         "state_shardings(config, shapes, mesh, tx=tx)")
-    boxed = boxed_state_shapes(config, tx)
+    boxed = boxed_state_shapes(config, tx, lora)
     want, got = jax.tree.structure(nn.meta.unbox(boxed)), jax.tree.structure(shapes)
     if want != got:
         raise ValueError("the TrainState does not match the config and optimiser: its tree is "
@@ -70,10 +83,31 @@ def state_shardings(config: Any, shapes: TrainState, mesh: Mesh,
 
 
 def sharded_init(config: Any, tx: optax.GradientTransformation, mesh: Mesh,
-                 seed: int = 0) -> tuple[TrainState, TrainState]:
+                 seed: int = 0, lora: Any = None) -> tuple[TrainState, TrainState]:
     """(state, shardings): the fresh state is created directly in its sharded layout."""
-    shapes = state_shapes(config, tx, seed)
-    shardings = state_shardings(config, shapes, mesh, tx)
-    init = jax.jit(functools.partial(init_train_state, config, tx, seed=seed),
+    shapes = state_shapes(config, tx, seed, lora)
+    shardings = state_shardings(config, shapes, mesh, tx, lora=lora)
+    init = jax.jit(functools.partial(init_train_state, config, tx, seed=seed, lora=lora),
                    out_shardings=shardings)
     return init(), shardings
+
+
+def lora_optimizer(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`tx` on the adapters only: the base of a {"base", "lora"} tree gets zero updates and
+    no optimiser state (optax.set_to_zero keeps none), so AdamW's moments, clipping and
+    weight decay see only the adapters."""
+    def labels(params):
+        return {"base": jax.tree.map(lambda _: "frozen", params["base"]),
+                "lora": jax.tree.map(lambda _: "train", params["lora"])}
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def lora_loss(loss_fn: Callable, spec: Any) -> Callable:
+    """A model loss as a loss of {"base", "lora"} params: the frozen base (no gradient flows
+    into it) merged with the adapters inside the step."""
+    from fmzoo.models import lora as lora_lib
+
+    def loss(params, batch, rng):
+        merged = lora_lib.merge(jax.lax.stop_gradient(params["base"]), params["lora"], spec)
+        return loss_fn(merged, batch, rng)
+    return loss

@@ -33,22 +33,28 @@ def _grads_one(loss_fn: LossFn, params, batch, rng):
 
 # The one token-weighted reduction, shared by microbatch accumulation (a scan) and the pmap
 # step (a psum over devices): each part contributes tokens * (grads, metrics); the sum is
-# divided by the total tokens. metrics["tokens"] is the weight and is summed; every other
-# metric is a per-token mean.
+# divided by the total tokens. metrics["tokens"] is the weight and is summed, and so is every
+# count named "num_*" (e.g. SFT's num_tokens, all real input tokens); every other metric is
+# a per-token mean.
+
+
+def is_count(name: str) -> bool:
+    """A metric summed over parts (not averaged): 'tokens' and 'num_*'."""
+    return name == "tokens" or name.startswith("num_")
 
 
 def weigh(grads: Any, metrics: dict) -> tuple[Any, dict]:
     """One part's (grads, metrics) multiplied by its token count (tokens itself stays)."""
     n = metrics["tokens"]
     return (jax.tree.map(lambda g: n * g, grads),
-            {k: v if k == "tokens" else n * v for k, v in metrics.items()})
+            {k: v if is_count(k) else n * v for k, v in metrics.items()})
 
 
 def normalise(grad_sum: Any, metric_sum: dict) -> tuple[Any, dict]:
     """Summed weighted parts -> token-mean grads and metrics (a part-free batch gives 0)."""
     denom = jnp.maximum(metric_sum["tokens"], 1.0)
     return (jax.tree.map(lambda g: g / denom, grad_sum),
-            {k: v if k == "tokens" else v / denom for k, v in metric_sum.items()})
+            {k: v if is_count(k) else v / denom for k, v in metric_sum.items()})
 
 
 def accumulate_gradients(loss_fn: LossFn, params: Any, batch: dict, rng: jax.Array,

@@ -33,7 +33,8 @@ from .losses import LossFn
 from .mesh import check_batch_size, make_mesh, put_batch
 from .metrics import MetricsWriter, truncate_metrics
 from .optim import lr_schedule, make_optimizer
-from .state import create_train_state, sharded_init, state_shapes, state_shardings
+from .state import (create_train_state, lora_loss, lora_optimizer, sharded_init,
+                    state_shapes, state_shardings)
 from .step import (make_eval_step, make_pmap_step, make_train_step, replicate, shard_batch,
                    unreplicate)
 
@@ -52,6 +53,10 @@ class Task:
     metrics: Callable[[dict], dict] | None = None  # extra values for a logged train row
     eval_metrics: Callable[[dict], dict] | None = None  # extra values for an eval row
     sample: Callable[[Any, dict], str | None] | None = None  # (params, first eval batch)
+    # metrics only generation can give (exact match, ...) and a text to show: (params) ->
+    # ({"eval_exact_match": ...}, "samples" or None); run at each evaluation on process 0's
+    # params after the held-out loss
+    generate_eval: Callable[[Any], tuple[dict, str | None]] | None = None
     no_eval_reason: str = "no held-out split"
 
 
@@ -86,21 +91,31 @@ class Trainer:
 
     def __init__(self, settings: Settings, config: Any, task: Task | Callable[[], Task], *,
                  init_params: Any = None, init_info: dict | None = None,
-                 tokenizer: Any = None, stop_after: int | None = None):
+                 tokenizer: Any = None, stop_after: int | None = None, lora: Any = None):
         self.settings, self.config, self.task = settings, config, task
+        self.lora = lora  # a LoraSpec: params are {"base" (frozen), "lora" (trained)}
         self.tokenizer, self.stop_after = tokenizer, stop_after
         self.init_params, self.init_info = init_params, init_info or {}
         s = settings
         self.workdir = os.path.abspath(os.path.expanduser(s.run.workdir))
         self.mesh = self._mesh()
-        self.schedule = lr_schedule(s.optim.lr, s.run.steps, s.optim.warmup)
-        self.tx = make_optimizer(s.optim.lr, s.run.steps, warmup_steps=s.optim.warmup,
-                                 weight_decay=s.optim.weight_decay, clip_norm=s.optim.clip_norm)
+        # the commands resolve the recipe first; a direct caller's None gets the family's
+        from fmzoo.models.recipes import recipe_for
+
+        from .config import with_recipe
+        s = self.settings = with_recipe(s, recipe_for(config))
+        o = s.optim
+        self.schedule = lr_schedule(o.lr, s.run.steps, o.warmup, kind=o.schedule)
+        self.tx = make_optimizer(o.lr, s.run.steps, warmup_steps=o.warmup, schedule=o.schedule,
+                                 weight_decay=o.weight_decay, clip_norm=o.clip_norm)
+        if lora is not None:
+            self.tx = lora_optimizer(self.tx)
         self.resume = self._open_workdir()
         self.ckpt: ckpt_lib.Checkpointer | None = None
         if not isinstance(task, Task):  # a factory: build the data only once all else is valid
             self.task = task()
         self.tokens_seen = 0
+        self.counts: dict[str, float] = {}  # cumulative num_* metrics (TRL's num_tokens)
         self.pending: list[tuple[int, dict]] = []
         self.summary: dict[str, Any] = {"workdir": self.workdir}
 
@@ -140,6 +155,11 @@ class Trainer:
                     f"--resume --clip-norm {s.optim.clip_norm:g}: the checkpoint's optimizer "
                     f"{'clips' if was > 0 else 'does not clip'} (--clip-norm {was:g}); "
                     "keep clipping on or off as the run started")
+            now = self.lora.to_dict() if self.lora is not None else None
+            if run.get("lora") != now:
+                raise config_error(  # the adapters are part of the saved state
+                    f"--resume: the checkpoint was trained with LoRA {run.get('lora')} but "
+                    f"this run asks for {now}; resume with the same --lora-* options")
         elif ckpt_lib.has_checkpoints(workdir):
             raise ckpt_lib.CheckpointError(
                 f"{workdir} already holds checkpoints; pass --resume to continue that run, "
@@ -186,6 +206,8 @@ class Trainer:
 
     def _loop(self, state) -> None:
         s = self.settings
+        if self.summary["start_step"] == 0 and getattr(s.eval, "at_start", False):
+            self.evaluate(0, self.model_params(self.host(state).params))  # the base model
         for step in range(self.summary["start_step"] + 1, s.run.steps + 1):
             state, metrics = self.step_fn(state, self.feed(next(self.task.batches)))
             if step == self.summary["start_step"] + 1:  # compile time is not throughput
@@ -201,7 +223,7 @@ class Trainer:
             if save:
                 self.save(state, step)
             if evaluate:
-                self.evaluate(step, self.host(state).params)
+                self.evaluate(step, self.model_params(self.host(state).params))
             if last:
                 break
 
@@ -211,19 +233,20 @@ class Trainer:
         """The state to train from (fresh, from given weights, or the latest checkpoint),
         the compiled step for it, and the run record."""
         s, config = self.settings, self.config
-        shapes = state_shapes(config, self.tx, s.run.seed)
+        shapes = state_shapes(config, self.tx, s.run.seed, self.lora)
         if start is None:
             if self.init_params is None:
-                state, shardings = sharded_init(config, self.tx, self.mesh, s.run.seed)
+                state, shardings = sharded_init(config, self.tx, self.mesh, s.run.seed,
+                                                self.lora)
             else:
-                shardings = state_shardings(config, shapes, self.mesh, self.tx)
+                shardings = state_shardings(config, shapes, self.mesh, self.tx, lora=self.lora)
                 state = self._init_from(self.init_params, shapes, shardings)
             self.init_params = None  # the state owns them now
             if self.tokenizer is not None and jax.process_index() == 0:
                 self.tokenizer.save(os.path.join(self.workdir, ckpt_lib.TOKENIZER_DIR))
             start = 0
         else:
-            shardings = state_shardings(config, shapes, self.mesh, self.tx)
+            shardings = state_shardings(config, shapes, self.mesh, self.tx, lora=self.lora)
             state = self._restore(start, ckpt_lib.abstract_like(shapes, shardings))
         truncate_metrics(self.workdir, start)  # a resumed run logs those steps again
         self._record_run(start)
@@ -233,7 +256,13 @@ class Trainer:
         return state
 
     def _init_from(self, params, shapes, shardings):
-        """A fresh optimizer state around given weights (continued pretraining)."""
+        """A fresh optimizer state around given weights (continued pretraining, SFT); with
+        LoRA the weights are the frozen base and the adapters start fresh (B = 0)."""
+        if self.lora is not None:
+            from fmzoo.models import lora as lora_lib
+            key = jax.random.fold_in(jax.random.key(self.settings.run.seed), 1)
+            params = {"base": params,
+                      "lora": lora_lib.init_adapters(params, self.lora, key)}
         diff = ckpt_lib.describe_mismatch(shapes.params, params)
         if diff:
             raise ckpt_lib.CheckpointError(f"the starting weights do not fit the model: {diff}")
@@ -254,6 +283,7 @@ class Trainer:
         # the checkpointer also moves the batch iterator to its saved position
         state, meta = self.ckpt.restore(step, target, self.config, data_iter=self.task.batches)
         self.tokens_seen = int(meta.get("tokens_seen", 0))
+        self.counts = {k: float(v) for k, v in meta.get("counts", {}).items()}
         return state
 
     def _record_run(self, start: int) -> None:
@@ -270,6 +300,8 @@ class Trainer:
                         "time": datetime.datetime.now(datetime.timezone.utc).isoformat()})
         record = {"format": ckpt_lib.RUN_FORMAT, "model_config": self.config.to_dict(),
                   "settings": stored, "history": history}
+        if self.lora is not None:  # load_workdir merges the adapters into the base by it
+            record["lora"] = self.lora.to_dict()
         if start:
             record["init"] = ckpt_lib.read_run_file(self.workdir).get("init", {})
         else:
@@ -278,19 +310,36 @@ class Trainer:
 
     def _compile(self, state, shardings):
         s = self.settings
+        loss_fn = self._on_params(self.task.loss_fn)
         eval_loss = self.task.eval_loss_fn or (lambda p, b, rng: self.task.loss_fn(p, b, None))
-        self.eval_step = make_eval_step(eval_loss, self.mesh, shardings.params)
+        # evaluation sees the model's params (with LoRA: merged, laid out like the base)
+        model_shardings = shardings.params if self.lora is None else shardings.params["base"]
+        self.eval_step = make_eval_step(eval_loss, self.mesh, model_shardings)
+        if self.lora is not None:
+            from fmzoo.models import lora as lora_lib
+            spec = self.lora
+            self._merge = jax.jit(lambda p: lora_lib.merge(p["base"], p["lora"], spec),
+                                  out_shardings=model_shardings)
         if s.mesh.pmap:
             n_dev = jax.local_device_count()
-            self.step_fn = make_pmap_step(self.task.loss_fn, self.tx, accum_steps=s.optim.accum)
+            self.step_fn = make_pmap_step(loss_fn, self.tx, accum_steps=s.optim.accum)
             self.feed = lambda b: shard_batch(b, n_dev)
             self.host = lambda st: jax.device_put(unreplicate(st), shardings)
             return replicate(state)
-        self.step_fn = make_train_step(self.task.loss_fn, self.tx, self.mesh, shardings,
+        self.step_fn = make_train_step(loss_fn, self.tx, self.mesh, shardings,
                                        accum_steps=s.optim.accum)
         self.feed = lambda b: put_batch(b, self.mesh)
         self.host = lambda st: st
         return state
+
+    def _on_params(self, loss_fn: LossFn) -> LossFn:
+        """The task's loss on the model's params: with LoRA, the base (frozen: no gradient
+        flows into it) merged with the adapters inside the step."""
+        return loss_fn if self.lora is None else lora_loss(loss_fn, self.lora)
+
+    def model_params(self, params):
+        """The params a model call takes (LoRA merged), for evaluation and samples."""
+        return params if self.lora is None else self._merge(params)
 
     def log(self, step: int) -> None:
         """Writes the pending train rows, each checked for divergence, with throughput."""
@@ -303,6 +352,9 @@ class Trainer:
         for s, m in rows:
             self._check_finite(s, m)
             self.tokens_seen += int(m.pop("tokens"))
+            for k in [k for k in m if k.startswith("num_")]:  # per step -> cumulative
+                self.counts[k] = self.counts.get(k, 0.0) + m[k]
+                m[k] = self.counts[k]
             m.update(tokens_seen=self.tokens_seen, lr=float(self.schedule(s - 1)), **speed)
             m.update(self.task.metrics(m) if self.task.metrics else {})
             self.writer.write(s, m)
@@ -341,6 +393,7 @@ class Trainer:
         if not bool(_all_finite(host.params)):
             raise TrainingDiverged(self._divergence_message(step, {"params": float("nan")}))
         meta = {"model_config": self.config.to_dict(), "tokens_seen": self.tokens_seen,
+                "counts": self.counts,
                 "step": step}
         self.ckpt.save(host, meta, data_iter=self.task.batches)
         self.clock = time.perf_counter()
@@ -365,15 +418,23 @@ class Trainer:
             n = m.pop("tokens")
             tokens += n
             for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + v * n
-        out = {f"eval_{k}": v / max(tokens, 1.0) for k, v in sums.items()}
+                sums[k] = sums.get(k, 0.0) + (v if k.startswith("num_") else v * n)
+        out = {f"eval_{k}": v if k.startswith("num_") else v / max(tokens, 1.0)
+               for k, v in sums.items()}
         out.update(task.eval_metrics(out) if task.eval_metrics else {})
+        shown = None
+        if task.generate_eval is not None:
+            extra, shown = task.generate_eval(params)
+            out.update(extra)
         self.writer.write(step, out)
         self.summary.update(out)
         sample = task.sample(params, first) if task.sample and first is not None else None
+        sample = "\n".join(x for x in (sample, shown) if x) or None
         if jax.process_index() == 0:
+            more = "".join(f", {k[5:]} {v:.4f}" for k, v in out.items()
+                           if k.startswith("eval_") and k != "eval_loss" and "/" not in k)
             tqdm.tqdm.write(f"step {step}: eval loss {out.get('eval_loss', float('nan')):.4f}"
-                            + (f"\n  sample: {sample!r}" if sample else ""))
+                            + more + (f"\n  sample: {sample!r}" if sample else ""))
         if sample:
             self.writer.text(step, "sample", sample)
             self.summary["sample"] = sample
