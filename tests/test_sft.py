@@ -53,6 +53,7 @@ def test_completion_only_learns_a_constant_answer_that_loss_on_all_cannot(tmp_pa
     assert done["all"] > 1.0  # random prompt letters cannot be predicted
     rows = [r for r in read_metrics(str(tmp_path / "run_completion")) if "loss" in r]
     assert {"loss", "mean_token_accuracy", "num_tokens"} <= set(rows[0])
+    assert rows[-1]["truncated_examples"] == 0  # 16-token examples, --max-length 48
     # num_tokens: every real input token so far (13 prompt + 3 completion + bos/eos - 1)
     assert rows[1]["num_tokens"] == 2 * rows[0]["num_tokens"] == 2 * 16 * 16
 

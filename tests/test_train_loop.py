@@ -70,8 +70,10 @@ def test_run_writes_metrics_checkpoints_and_run_file(runs):
     assert os.listdir(full / "tb")  # TensorBoard events (tensorboardX)
     run = json.load(open(full / "fmzoo_run.json"))
     assert run["model_config"]["d_model"] == 32 and run["settings"]["run"]["steps"] == 6
+    # the record holds what ran: the recipe filled in the schedule the run left out
     assert Settings.from_dict({**run["settings"], "run": {**run["settings"]["run"],
-                                                         "progress": False}}) == lm_cfg(full)
+                                                         "progress": False}}) == \
+        lm_cfg(full).replace(optim=dict(schedule="cosine"))
     assert run["init"] == {"kind": "preset", "source": "gpt-tiny"}
     assert [h["start_step"] for h in run["history"]] == [0]
     assert sorted(Checkpointer(str(full)).manager.all_steps()) == [3, 6]

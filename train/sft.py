@@ -233,11 +233,14 @@ def prepare_sft(settings: SFTSettings, *, stop_after: int | None = None) -> Trai
         split = sft_data.eval_split(d.name, data_dir=d.data_dir, **d.options)
         examples = [] if split is None or e.examples == 0 else sft_data.sft_eval_prompts(
             d.name, tok, split=split, n=e.examples, data_dir=d.data_dir, **d.options)
+        batches = sft_data.sft_batches(d.name, tok, split="train", seed=settings.run.seed,
+                                       **common)
         return Task(
             loss_fn=sft_loss(model, config),
             eval_loss_fn=sft_loss(model, config, deterministic=True),
-            batches=sft_data.sft_batches(d.name, tok, split="train", seed=settings.run.seed,
-                                         **common),
+            batches=batches,
+            # examples cut to --max-length so far (read ahead by the input threads)
+            metrics=lambda m: {"truncated_examples": batches.num_truncated},
             eval_batches=None if split is None else lambda: sft_data.sft_batches(
                 d.name, tok, split=split, shuffle=False, num_epochs=1, shard_index=0,
                 shard_count=1, **common),
