@@ -10,6 +10,7 @@ _LAZY = {
     "load": "fmzoo.api", "Loaded": "fmzoo.models.bundle",
     "build": "fmzoo.models", "count_params": "fmzoo.models", "get_config": "fmzoo.models",
     "init": "fmzoo.models", "list_models": "fmzoo.models",
+    "score": "fmzoo.train.reward",  # a reward model's scores of (prompt, response) pairs
 }
 
 
@@ -25,4 +26,4 @@ def __dir__():
 
 
 __all__ = ["Loaded", "load", "build", "count_params", "get_config", "init", "list_models",
-           "__version__"]
+           "score", "__version__"]

@@ -20,6 +20,8 @@ COMMANDS = {
     "chat": "fmzoo.cli_chat",
     "train": "fmzoo.cli_train",
     "sft": "fmzoo.cli_sft",
+    "reward": "fmzoo.cli_reward",
+    "dpo": "fmzoo.cli_dpo",
     "eval": "fmzoo.cli_eval",
     "export": "fmzoo.cli_export",
 }

@@ -41,7 +41,7 @@ from fmzoo.models.sharding import logical_shardings, sharding_context
 
 from .beam import beam_search
 from .processors import is_eos, mark_seen, process, seen_tokens
-from .sampling import next_token
+from .sampling import MIN_TEMPERATURE, next_token
 
 Array = jax.Array
 
@@ -59,6 +59,7 @@ class Shape:
     early_stopping: bool | str = False
     n_eos: int = 0  # beam search only: how many EOS ids (sets its candidate count)
     history: bool = False  # repetition penalty or min_new_tokens in use (sampling/greedy)
+    logprobs: bool = False  # record each chosen token's log-prob (RL rollouts)
 
 
 @struct.dataclass
@@ -73,6 +74,18 @@ class DecodeState:
     done_B: Array  # bool: the row has stopped (EOS, or a filler row)
     out_BN: Array  # int32: chosen tokens, -1 after a row stops
     n: Array  # int32 scalar: tokens chosen so far
+    logp_BN: Array | None = None  # f32: log-prob of each chosen token (Shape.logprobs), 0
+    #                               after a row stops; see `token_logprob`
+
+
+def token_logprob(logits_BV: Array, tok_B: Array, settings, do_sample: bool) -> Array:
+    """log p(tok) under the distribution a policy-gradient loss recomputes from the same
+    logits: log_softmax(logits / T), T the sampling temperature (1 for greedy), before the
+    top-k / top-p cuts and the history processors (TRL's rollouts take the same). A
+    training forward of prompt + completion gives these values again (tests/test_rollout.py)."""
+    t = jnp.maximum(settings.temperature, MIN_TEMPERATURE) if do_sample else jnp.float32(1)
+    lp_BV = jax.nn.log_softmax(logits_BV.astype(jnp.float32) / t, axis=-1)
+    return jnp.take_along_axis(lp_BV, tok_B[:, None], axis=-1)[:, 0]
 
 
 def _apply(model, params, *args, method):
@@ -121,7 +134,9 @@ class Decoder:
         state = DecodeState(cache=cache, logits_BV=logits_BV, seen_BV=seen_BV,
                             token_B=jnp.zeros((B,), jnp.int32), done_B=~live_B,
                             out_BN=jnp.full((B, self.shape.n_out), -1, jnp.int32),
-                            n=jnp.int32(0))
+                            n=jnp.int32(0),
+                            logp_BN=jnp.zeros((B, self.shape.n_out), jnp.float32)
+                            if self.shape.logprobs else None)
         if W > 1:  # each prompt's beams start as copies of its one prefill
             state = jax.tree.map(lambda x: jnp.repeat(x, W, axis=0) if x.ndim else x, state)
         return state
@@ -136,7 +151,12 @@ class Decoder:
         tok_B = next_token(jax.random.fold_in(key, state.n), scores_BV, settings,
                            self.shape.do_sample)
         out_BN = state.out_BN.at[:, state.n].set(jnp.where(state.done_B, -1, tok_B))
+        logp_BN = state.logp_BN
+        if self.shape.logprobs:  # static: only rollouts pay for the log-softmax
+            lp_B = token_logprob(state.logits_BV, tok_B, settings, self.shape.do_sample)
+            logp_BN = logp_BN.at[:, state.n].set(jnp.where(state.done_B, 0.0, lp_B))
         return state.replace(token_B=tok_B, out_BN=out_BN, n=state.n + 1, logits_BV=None,
+                             logp_BN=logp_BN,
                              seen_BV=None if seen_BV is None else mark_seen(seen_BV, tok_B),
                              done_B=state.done_B | is_eos(tok_B, eos_E))
 

@@ -213,7 +213,7 @@ def _pack(prompts: list[list[int]], rows: int, width: int):
 
 def plan(model, prompts: list[list[int]], max_new_tokens: int, num_beams: int = 1,
          do_sample: bool = False, early_stopping: bool | str = False, n_eos: int = 0,
-         history: bool = False) -> Shape:
+         history: bool = False, logprobs: bool = False) -> Shape:
     """The bucketed request shape (rows, prompt width, cache slots, token buffer)."""
     c = model.config
     seq2seq = not isinstance(c, LMConfig)
@@ -229,7 +229,8 @@ def plan(model, prompts: list[list[int]], max_new_tokens: int, num_beams: int = 
         slots = min(slots, c.max_len)
     return Shape(rows=rows, width=width, slots=slots, n_out=n_out, num_beams=num_beams,
                  do_sample=do_sample, early_stopping=early_stopping if num_beams > 1 else False,
-                 n_eos=n_eos if num_beams > 1 else 0, history=history and num_beams == 1)
+                 n_eos=n_eos if num_beams > 1 else 0, history=history and num_beams == 1,
+                 logprobs=logprobs)
 
 
 # -------------------------------------------------------------------------------- public
@@ -280,7 +281,7 @@ class _Request:
 
 def _request(model, params, prompts, *, max_new_tokens, temperature, top_k, top_p, eos_id,
              num_beams, length_penalty, early_stopping, min_new_tokens, repetition_penalty,
-             mesh) -> _Request:
+             mesh, logprobs=False) -> _Request:
     if not hasattr(model, "init_cache") or not hasattr(getattr(model, "config", None), "max_len"):
         raise GenerationError(f"cannot generate with {type(model).__name__}: expected a zoo "
                               "model built by fmzoo.models.build (DecoderLM, EncoderDecoder or "
@@ -291,9 +292,14 @@ def _request(model, params, prompts, *, max_new_tokens, temperature, top_k, top_
                     num_beams=num_beams, length_penalty=length_penalty,
                     early_stopping=early_stopping, min_new_tokens=min_new_tokens,
                     repetition_penalty=repetition_penalty, seq2seq=seq2seq)
+    if logprobs and num_beams > 1:
+        raise GenerationError("return_logprobs gives the log-prob of each sampled or greedy "
+                              "token; beam search returns sequence scores instead: use "
+                              "num_beams=1")
     eos = eos_ids(eos_id, model.config.vocab_size)
     shape = plan(model, seqs, max_new_tokens, num_beams, temperature > 0, early_stopping,
-                 len(eos), history=repetition_penalty != 1 or min_new_tokens > 0)
+                 len(eos), history=repetition_penalty != 1 or min_new_tokens > 0,
+                 logprobs=logprobs)
     if mesh is not None:
         from fmzoo.models.registry import place_params
         mesh = _auto_axes(mesh)
@@ -309,9 +315,13 @@ def generate(model, params, prompts, *, max_new_tokens: int, temperature: float 
              top_k: int = 0, top_p: float = 1.0, eos_id: int | Sequence[int] | None = None,
              rng: Any = None, num_beams: int = 1, length_penalty: float = 1.0,
              early_stopping: bool | str = False, min_new_tokens: int = 0,
-             repetition_penalty: float = 1.0, mesh: Any = None, return_stats: bool = False):
+             repetition_penalty: float = 1.0, mesh: Any = None, return_stats: bool = False,
+             return_logprobs: bool = False):
     """New tokens for each prompt: a list of token-id lists, each cut after its first EOS
-    (the EOS included). With return_stats=True, (tokens, GenerateStats).
+    (the EOS included). With return_logprobs=True, (tokens, logprobs): each new token's
+    log-prob under log_softmax(logits / temperature) (temperature 1 when greedy), the
+    distribution a policy-gradient step recomputes (decoder.token_logprob). With
+    return_stats=True, GenerateStats comes last.
 
     model, params: a zoo model and its params (e.g. from fmzoo.load). prompts: token-id
     lists of any lengths; for seq2seq models the source sequences (the decoder starts from
@@ -327,7 +337,8 @@ def generate(model, params, prompts, *, max_new_tokens: int, temperature: float 
                    temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
                    num_beams=num_beams, length_penalty=length_penalty,
                    early_stopping=early_stopping, min_new_tokens=min_new_tokens,
-                   repetition_penalty=repetition_penalty, mesh=mesh)
+                   repetition_penalty=repetition_penalty, mesh=mesh,
+                   logprobs=return_logprobs)
     dec, W = req.decoder, num_beams
     toks, mask, live = _pack(req.seqs, dec.shape.rows // W, dec.shape.width)
     eos_E, max_new = eos_array(req.eos), jnp.int32(max_new_tokens)
@@ -343,13 +354,18 @@ def generate(model, params, prompts, *, max_new_tokens: int, temperature: float 
         out_BN, state = dec.decode(req.params, state, _key(rng), req.settings, eos_E, max_new)
     out = np.asarray(out_BN)
     t2 = time.perf_counter()
+    logp = np.asarray(state.logp_BN) if return_logprobs else None
     del state
     result = [_cut(out[b], max_new_tokens, req.eos) for b in range(len(req.seqs))]
+    if return_logprobs:
+        result = result, [logp[b, :len(r)].tolist() for b, r in enumerate(result)]
     if not return_stats:
         return result
-    return result, GenerateStats(batch=len(req.seqs), prompt_tokens=sum(map(len, req.seqs)),
-                                 new_tokens=sum(map(len, result)), ttft_s=t1 - t0,
-                                 decode_s=t2 - t1, compiled=req.new)
+    tokens = result[0] if return_logprobs else result
+    stats = GenerateStats(batch=len(req.seqs), prompt_tokens=sum(map(len, req.seqs)),
+                          new_tokens=sum(map(len, tokens)), ttft_s=t1 - t0,
+                          decode_s=t2 - t1, compiled=req.new)
+    return (*result, stats) if return_logprobs else (result, stats)
 
 
 def stream(model, params, prompt: Sequence[int], *, max_new_tokens: int,

@@ -17,6 +17,7 @@ import numpy as np
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ATTENTION_IMPLS = ("auto", "reference", "xla", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots")  # activation checkpointing per transformer block
+LM_HEADS = ("lm", "score")  # what a decoder LM's last hidden states feed
 
 
 class ConfigError(ValueError):
@@ -197,6 +198,9 @@ class LMConfig(_Base):
     dropout: float = 0.0
     attention_impl: str = "auto"
     remat: str = "none"  # 'none' | 'full' (recompute each block) | 'dots' (keep matmul outputs)
+    # 'lm': next-token logits; 'score': a reward model, HF's *ForSequenceClassification with
+    # num_labels=1 (a Dense(d_model -> 1) read at each row's last real token, no LM head)
+    head: str = "lm"
 
     def __post_init__(self):
         if self.n_kv_heads == 0:
@@ -212,6 +216,9 @@ class LMConfig(_Base):
                  f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
         _require(self.remat in REMAT_POLICIES,
                  f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        _require(self.head in LM_HEADS,
+                 f"head must be one of {LM_HEADS} ('lm': next-token logits; 'score': a "
+                 f"reward model's scalar), got {self.head!r}")
         _check_positive(self, "vocab_size", "max_len", "d_model", "n_layers", "d_ff")
         _require(self.head_dim is None or self.head_dim > 0,
                  f"head_dim must be positive, or None for d_model // n_heads; got {self.head_dim}")

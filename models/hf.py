@@ -312,6 +312,9 @@ def to_hf(params: Any, config: LMConfig, directory: str, tokenizer: Any = None,
     if not isinstance(config, LMConfig):
         raise CheckpointError(f"to_hf exports decoder-only LMs (LMConfig); got "
                               f"{type(config).__name__}")
+    if config.head != "lm":  # no *ForSequenceClassification export yet
+        raise CheckpointError("to_hf exports language models; this is a reward model (config "
+                              "head='score'); use it from fmzoo (fmzoo.load + fmzoo.score)")
     directory = os.path.expanduser(str(directory))
     if os.path.exists(os.path.join(directory, INDEX)):
         raise CheckpointError(f"{directory} already holds a sharded checkpoint ({INDEX}); "

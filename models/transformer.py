@@ -24,7 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .attention import MultiHeadAttention, combine_masks, padding_mask, segment_mask
+from .attention import (MultiHeadAttention, combine_masks, padding_mask, param_with_axes,
+                        segment_mask)
 from .cache import EncDecCache, KVCache, constrain
 from .config import EncDecConfig, LMConfig
 from .sharding import constrain_activations
@@ -149,6 +150,15 @@ def teacher_forced_inputs(tokens_BT, positions_BT, padding_mask_BT, segment_ids_
     return positions_BT, mask
 
 
+# The score head's kernel [E, 1]: split like the other 'embed' inputs; std 1/sqrt(E + 1), the
+# reward head init of OpenAI's lm-human-preferences (TRL's PPO examples use it too).
+SCORE_HEAD_AXES = ("embed", None)
+
+
+def score_head_init(d_model: int):
+    return nn.initializers.normal(stddev=1.0 / (d_model + 1) ** 0.5)
+
+
 def last_real(x_BT_, mask_BT: Array) -> Array:
     """x at each row's last real position (right padding): [B, T, ...] -> [B, ...]."""
     last_B = jnp.maximum(mask_BT.sum(-1).astype(jnp.int32) - 1, 0)
@@ -178,7 +188,11 @@ class DecoderLM(nn.Module):
                   impl=c.attention_impl)
             for _ in range(c.n_layers)]
         self.final_norm = norm("rmsnorm" if llama else "layernorm", c.norm_eps, dt, pdt, "final_norm")
-        if not c.tie_embeddings:
+        if c.head == "score":  # a reward model: no LM head, as in HF's *ForSequenceClassification
+            self.score_head = nn.Dense(1, use_bias=False, dtype=dt, param_dtype=pdt,
+                                       kernel_init=param_with_axes(
+                                           score_head_init(c.d_model), SCORE_HEAD_AXES))
+        elif not c.tie_embeddings:
             self.lm_head = dense(c.vocab_size, ("embed", "vocab"), False, dt, pdt, "lm_head")
         self.drop = nn.Dropout(c.dropout)
 
@@ -204,12 +218,32 @@ class DecoderLM(nn.Module):
                  deterministic: bool = True, return_hidden: bool = False):
         """Logits [B, T, V] (with return_hidden, (logits, final hidden [B, T, E])).
         `padding_mask_BT` True = real token; `segment_ids_BT` confines attention to packed
-        documents."""
+        documents. A score model (config.head 'score') returns its scalar at every position,
+        float32 [B, T], as HF's sequence classifiers do before pooling; `score` pools."""
         positions_BT, mask = teacher_forced_inputs(tokens_BT, positions_BT, padding_mask_BT,
                                                    segment_ids_BT)
         h_BTE, _ = self._trunk(tokens_BT, positions_BT, mask, True, None, deterministic)
-        logits_BTV = self.logits(h_BTE)
-        return (logits_BTV, h_BTE) if return_hidden else logits_BTV
+        out = (self.score_head(h_BTE)[..., 0].astype(jnp.float32)
+               if self.config.head == "score" else self.logits(h_BTE))
+        return (out, h_BTE) if return_hidden else out
+
+    def score(self, tokens_BT: Array, padding_mask_BT: Array, positions_BT: Array | None = None,
+              deterministic: bool = True) -> Array:
+        """float32 [B]: the score head at each row's LAST REAL token (the response's EOS),
+        whatever the padding side. Positions default to the mask's running count, so the
+        amount and side of padding change nothing."""
+        if self.config.head != "score":
+            raise ValueError("score() needs a reward model (config head='score'); this is a "
+                             "language model (head='lm'): train one with `fmzoo reward`")
+        mask_BT = padding_mask_BT.astype(jnp.int32)
+        if positions_BT is None:
+            positions_BT = jnp.maximum(jnp.cumsum(mask_BT, -1) - 1, 0)
+        _, mask = teacher_forced_inputs(tokens_BT, positions_BT, mask_BT, None)
+        h_BTE, _ = self._trunk(tokens_BT, positions_BT, mask, True, None, deterministic)
+        T = tokens_BT.shape[1]
+        last_B = jnp.argmax(jnp.where(mask_BT > 0, jnp.arange(T), -1), axis=-1)
+        h_BE = jnp.take_along_axis(h_BTE, last_B[:, None, None], axis=1)[:, 0]
+        return self.score_head(h_BE)[:, 0].astype(jnp.float32)
 
     def _cached(self, tokens_BT, cache: KVCache):
         positions_BT = cache.positions(tokens_BT.shape[1])
@@ -230,6 +264,10 @@ class DecoderLM(nn.Module):
         return self.logits(h_B1E[:, 0]), constrain(cache.advance(kv_layers, 1))
 
     def logits(self, h_BTE: Array) -> Array:
+        if self.config.head == "score":
+            raise ValueError("this is a reward model (config head='score'): it has no LM head, "
+                             "so it scores sequences (fmzoo.train.reward.score) but cannot "
+                             "generate; load the language model it was trained from instead")
         if self.config.tie_embeddings:
             return self.embed.attend(h_BTE).astype(jnp.float32)
         return self.lm_head(h_BTE).astype(jnp.float32)

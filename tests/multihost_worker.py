@@ -2,11 +2,13 @@
 
     python tests/multihost_worker.py steps PORT PROCESS_ID OUT.json
     python tests/multihost_worker.py cli PORT PROCESS_ID -- FMZOO_TRAIN_ARGS...
+    python tests/multihost_worker.py sft PORT PROCESS_ID -- FMZOO_SFT_ARGS...
 
 Each process has 4 simulated CPU devices; jax.distributed joins them into one 8-device
 system with gloo collectives. `steps`: the process feeds only its half of every global
 batch, trains 3 steps on the global mesh data=2,fsdp=2,tensor=2, and (process 0) writes the
-losses and the gathered params as JSON. `cli`: runs `fmzoo train` as this process.
+losses and the gathered params as JSON. `cli` / `sft`: runs `fmzoo train` / `fmzoo sft` as
+this process.
 """
 
 import json
@@ -23,9 +25,9 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
-def run_cli(port: str, process_id: str, args: list[str]) -> int:
+def run_cli(command: str, port: str, process_id: str, args: list[str]) -> int:
     from fmzoo.cli import main
-    return main(["train", *args, "--coordinator", f"localhost:{port}", "--num-processes", "2",
+    return main([command, *args, "--coordinator", f"localhost:{port}", "--num-processes", "2",
                  "--process-id", process_id])
 
 
@@ -52,6 +54,7 @@ def run_steps(port: str, process_id: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "cli":
-        sys.exit(run_cli(sys.argv[2], sys.argv[3], sys.argv[5:]))
+    if sys.argv[1] in ("cli", "sft"):
+        sys.exit(run_cli("train" if sys.argv[1] == "cli" else "sft", sys.argv[2], sys.argv[3],
+                         sys.argv[5:]))
     run_steps(*sys.argv[2:5])

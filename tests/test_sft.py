@@ -87,21 +87,16 @@ def test_packed_loss_equals_unpacked_loss(tmp_path):
     assert totals[True][2] < totals[False][2]  # packing did pack
 
 
-def test_lora_run_resumes_exactly_and_loads_merged(tmp_path):
+def test_lora_run_loads_merged_and_refuses_resume_without_adapters(tmp_path):
+    """(Exact resume of a LoRA run: test_sft_killed_with_sigkill_resumes_bit_for_bit.)"""
     import fmzoo
     from fmzoo.models.registry import param_shapes
     from fmzoo.models.workdir import load_workdir
     from fmzoo.train import checkpoint as ckpt_lib
-    lora = dict(lora_rank=4, lora_alpha=8.0)
-    common = dict(data=dict(name="tasks/reverse"), sft=lora, checkpoint=dict(save_every=3),
-                  run=dict(steps=6))
-    whole = prepare_sft(settings(tmp_path, "whole", **common)).run()
-    prepare_sft(settings(tmp_path, "cut", **common), stop_after=3).run()
-    resumed = prepare_sft(settings(tmp_path, "cut", **{**common, "run": dict(
-        steps=6, resume=True)})).run()
-    assert resumed["loss"] == whole["loss"]
-    a, b = (load_workdir(str(tmp_path / w)).params for w in ("whole", "cut"))
-    jax.tree.map(np.testing.assert_array_equal, a, b)
+    common = dict(data=dict(name="tasks/reverse"), sft=dict(lora_rank=4, lora_alpha=8.0),
+                  checkpoint=dict(save_every=3), run=dict(steps=3))
+    prepare_sft(settings(tmp_path, "whole", **common)).run()
+    a = load_workdir(str(tmp_path / "whole")).params
     # the saved state is {"base", "lora"}; fmzoo.load merges it
     with open(os.path.join(tmp_path, "whole", ckpt_lib.RUN_FILE)) as f:
         assert json.load(f)["lora"]["rank"] == 4
@@ -110,7 +105,7 @@ def test_lora_run_resumes_exactly_and_loads_merged(tmp_path):
     assert jax.tree.structure(loaded.params) == jax.tree.structure(
         param_shapes(loaded.config))  # a plain model: no "base"/"lora" left
     with pytest.raises(ConfigError, match="LoRA"):  # resuming without the adapters
-        prepare_sft(settings(tmp_path, "cut", data=dict(name="tasks/reverse"),
+        prepare_sft(settings(tmp_path, "whole", data=dict(name="tasks/reverse"),
                              run=dict(steps=8, resume=True)))
 
 
@@ -141,3 +136,46 @@ def test_sft_raises_exact_match_far_above_the_base_model(tmp_path):
     rows = [r for r in read_metrics(str(tmp_path / "run")) if "eval_exact_match" in r]
     assert rows[0]["step"] == 0 and rows[0]["eval_exact_match"] == 0.0  # the base model
     assert rows[-1]["step"] == 300 and summary["eval_exact_match"] >= 0.5, summary
+
+
+def test_sft_killed_with_sigkill_resumes_bit_for_bit(tmp_path):
+    """`fmzoo sft` with LoRA killed with SIGKILL right after its first committed checkpoint
+    (possibly in the middle of writing the next), then resumed: the same merged weights, bit
+    for bit, as a run never interrupted (rsqrt: the schedule does not depend on the total
+    steps)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from fmzoo.models.workdir import committed_steps, load_workdir
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "fmzoo", "sft", "--model", "llama-tiny", *TINY, "--data",
+           "tasks/reverse", "--workdir", str(killed), "--data-dir", str(tmp_path / "tfds"),
+           "--batch-size", "16", "--max-length", "48", "--mesh", "data=8", "--lr", "3e-3",
+           "--warmup", "5", "--schedule", "rsqrt", "--save-every", "2", "--steps", "100000",
+           "--eval-every", "0", "--eval-examples", "0", "--no-eval-at-start", "--no-progress",
+           "--lora-rank", "4", "--lora-alpha", "8"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not committed_steps(str(killed / "checkpoints")) and proc.poll() is None:
+            assert time.time() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL, err[-2000:]
+    last = committed_steps(str(killed / "checkpoints"))[-1]
+    assert last < 12
+    common = dict(data=dict(name="tasks/reverse"), checkpoint=dict(save_every=2),
+                  optim=dict(lr=3e-3, warmup=5, schedule="rsqrt"),
+                  sft=dict(lora_rank=4, lora_alpha=8.0))
+    whole = prepare_sft(settings(tmp_path, "whole", **common, run=dict(steps=12))).run()
+    with pytest.warns(UserWarning, match="which is no longer running"):  # its stale lock
+        resumed = prepare_sft(settings(tmp_path, "killed", **common,
+                                       run=dict(steps=12, resume=True))).run()
+    assert resumed["start_step"] == last and resumed["loss"] == whole["loss"]
+    a, b = (load_workdir(str(tmp_path / w)).params for w in ("whole", "killed"))
+    jax.tree.map(np.testing.assert_array_equal, a, b)

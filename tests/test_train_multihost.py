@@ -86,3 +86,27 @@ def test_distributed_settings_must_be_complete(monkeypatch):
         maybe_initialize_distributed("localhost:1234", num_processes=2)
     with pytest.raises(MeshError, match=r"without a coordinator address"):
         maybe_initialize_distributed(num_processes=2, process_id=0)
+
+
+def test_two_process_sft_with_lora_counts_every_process(tmp_path):
+    """`fmzoo sft` with LoRA as two processes: each feeds its half of every batch, the loss
+    and the token counts are global (num_tokens is the same as one process reading the same
+    number of rows would count), the eval is over global batches, and the adapters saved
+    by process 0 load merged."""
+    work = tmp_path / "sft"
+    launch("sft", "--", "--model", "llama-tiny", "n_layers=1", "d_model=32", "n_heads=2",
+           "n_kv_heads=1", "d_ff=64", "max_len=64", "--data", "tasks/reverse", "--workdir",
+           str(work), "--data-dir", str(tmp_path / "tfds"), "--batch-size", "8",
+           "--max-length", "32", "--mesh", "data=2,fsdp=2,tensor=2", "--steps", "2",
+           "--save-every", "2", "--eval-batches", "1", "--eval-examples", "0",
+           "--no-eval-at-start", "--log-every", "1", "--lora-rank", "2", "--no-progress")
+    rows = read_metrics(work)
+    train = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2]
+    # every example of tasks/reverse is one short chat: 8 rows give more than 8 tokens each
+    assert 8 * 8 < train[0]["num_tokens"] < train[1]["num_tokens"] <= 2 * 8 * 32
+    assert any("eval_loss" in r for r in rows)
+    data_dir = work / "checkpoints" / "2" / "data"
+    assert {f"process_{i}-of-2.json" for i in range(2)} <= set(os.listdir(data_dir))
+    params = load_workdir(str(work)).params  # merged: a plain model tree
+    assert "lora" not in params and np.isfinite(np.asarray(params["embed"]["embedding"])).all()

@@ -21,6 +21,9 @@ _LAZY = {
     "Trainer": "trainer", "Task": "trainer", "TrainingDiverged": "trainer",
     "train": "pretrain", "prepare": "pretrain",
     "Checkpointer": "checkpoint", "CheckpointError": "checkpoint", "load_workdir": "checkpoint",
+    "dpo_loss": "dpo_losses", "prepare_dpo": "dpo", "DPOSettings": "dpo",
+    "bt_loss": "reward", "reward_loss": "reward", "prepare_reward": "reward",
+    "RewardSettings": "reward",
     "lm_batches": "data", "seq2seq_batches": "data", "dataset_kind": "data",
 }
 

@@ -44,19 +44,24 @@ class SFTDataSection(DataSourceSection):
 
 
 @dataclasses.dataclass(frozen=True)
-class SFTSection(Section):
-    NAME: typing.ClassVar[str] = "sft"
-    loss_on: str = setting("completion", "which tokens carry labels: completion (assistant "
-                           "turns / completions and their end of turn) or all",
-                           choices=("completion", "all"))
-    packing: bool = setting(False, "pack several whole examples per row (positions restart, "
-                            "attention stays inside each example)", action="store_true")
+class LoraOptions(Section):
+    """The --lora-* options a finetuning section shares (SFT, DPO)."""
     lora_rank: int = setting(0, "LoRA rank R (0 = full finetuning): freeze the base weights "
                              "and train rank-R adapters", min=0)
     lora_alpha: float = setting(16.0, "LoRA alpha: the update is scaled by alpha / rank",
                                 min=0.0)
     lora_targets: str = setting("", "comma-separated module names to adapt (default: the "
                                 "attention and MLP kernels)", metavar="NAMES")
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTSection(LoraOptions):
+    NAME: typing.ClassVar[str] = "sft"
+    loss_on: str = setting("completion", "which tokens carry labels: completion (assistant "
+                           "turns / completions and their end of turn) or all",
+                           choices=("completion", "all"))
+    packing: bool = setting(False, "pack several whole examples per row (positions restart, "
+                            "attention stays inside each example)", action="store_true")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,20 +124,26 @@ def sft_loss(model: Any, config: Any, *, deterministic: bool = False):
 # ----------------------------------------------------------------------------- evaluation
 
 
-def load_checker(spec: str) -> Callable:
-    """'module:function' -> the function (imported now, so a typo fails before training)."""
+def import_function(spec: str, flag: str, example: str, error: Callable = config_error
+                    ) -> Callable:
+    """'module:function' -> the function, imported now so a typo fails before any work;
+    a bad spec raises `error(message)` naming the flag and an example."""
     module, colon, name = spec.partition(":")
-    if not colon or not module or not name:
-        raise config_error(f"--checker {spec!r} is not module:function (e.g. "
-                           "mychecks:exact_number)")
+    if not colon or not module or not name or ":" in name:
+        raise error(f"{flag} {spec!r} is not module:function (e.g. {example})")
     try:
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
-        raise config_error(f"--checker {spec}: cannot import it ({e}); put the module on "
-                           "PYTHONPATH and check the function name") from None
+        raise error(f"{flag} {spec}: cannot import it ({e}); put the module on "
+                    "PYTHONPATH and check the function name") from None
     if not callable(fn):
-        raise config_error(f"--checker {spec} is not a function")
+        raise error(f"{flag} {spec} is not a function")
     return fn
+
+
+def load_checker(spec: str) -> Callable:
+    """--checker 'module:function' -> the function."""
+    return import_function(spec, "--checker", "mychecks:exact_number")
 
 
 def score(examples: list[dict], completions: list[str], checker: Callable | None = None
@@ -189,9 +200,10 @@ def exact_match_eval(model: Any, tok: Any, examples: list[dict], *, max_new_toke
 # ----------------------------------------------------------------------------- the command
 
 
-def lora_spec(settings: SFTSettings):
-    """The LoraSpec of --lora-*, or None for full finetuning."""
-    s = settings.sft
+def lora_spec(options: LoraOptions | SFTSettings):
+    """The LoraSpec of --lora-* (a section with LoraOptions, or SFT settings), or None for
+    full finetuning."""
+    s = options.sft if isinstance(options, Settings) else options
     if s.lora_rank == 0:
         return None
     from fmzoo.models.lora import DEFAULT_TARGETS, LoraSpec

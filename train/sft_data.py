@@ -68,13 +68,14 @@ def _data_dir(data_dir):
 
 
 def load_sft_source(name: str, split: str = "train", *, data_dir: str | None = None,
-                    **options) -> SFTSource:
-    """The records of `split` of an embedded task or JSONL file, prepared on first use."""
+                    rules=None, **options) -> SFTSource:
+    """The records of `split` of an embedded task or JSONL file, prepared on first use
+    (`rules`: another record format, e.g. train/pref_records.py; see sft_records._rules)."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"instruction data must be a task name or a JSONL path, got {name!r}")
     data_dir, quiet = _data_dir(data_dir)
     with quiet():
-        builder = records_lib.prepare(name, data_dir, **options)
+        builder = records_lib.prepare(name, data_dir, rules=rules, **options)
     splits = sorted(builder.info.splits.keys())
     if split not in splits:
         raise ValueError(f"instruction data {name!r} has no split {split!r}; its splits are "
@@ -101,13 +102,14 @@ def dataset_format(name_or_path: str) -> str:
     return formats.pop()
 
 
-def eval_split(name: str, data_dir: str | None = None, **options) -> str | None:
+def eval_split(name: str, data_dir: str | None = None, *, rules=None,
+               **options) -> str | None:
     """The held-out split used during training: 'validation' (tasks keep 'test' for final
     evaluation), None for a file too small to have one."""
     if tasks_lib.is_task_name(name):
         tasks_lib.task_names(name)
         return "validation" if tasks_lib.check_knobs(options)["num_validation"] else None
-    src = load_sft_source(name, "train", data_dir=data_dir, **options)
+    src = load_sft_source(name, "train", data_dir=data_dir, rules=rules, **options)
     return "validation" if "validation" in src.info.splits else None
 
 
@@ -209,6 +211,22 @@ class _SFTBatcher:
                                     np.int32)}
 
 
+def check_batch_settings(what: str, tokenizer, max_length: int, batch_size: int, shard_index,
+                         shard_count, seed: int, num_epochs) -> tuple[int, int]:
+    """(shard_index, shard_count), None meaning this process's; the checks every chat-data
+    batcher (SFT, preference) shares, raised before any data is read."""
+    from fmzoo.train.data import _shards
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
+    if getattr(tokenizer, "pad_id", None) is None:
+        raise ValueError(f"{what} batches pad rows with the tokenizer's pad_id, which is None; "
+                         "load the tokenizer with pad_id (or eos_id) set")
+    shard_index, shard_count = _shards(shard_index, shard_count)
+    batching._check_common(batch_size, shard_index, shard_count, seed, num_epochs,
+                           {"max_length": max_length})
+    return shard_index, shard_count
+
+
 def sft_batches(name_or_path: str, tokenizer, *, batch_size: int, max_length: int,
                 split: str = "train", loss_on: str = "completion", packing: bool = False,
                 seed: int = 0, shuffle: bool = True, num_epochs: int | None = None,
@@ -221,17 +239,10 @@ def sft_batches(name_or_path: str, tokenizer, *, batch_size: int, max_length: in
     rows); `options` are the embedded tasks' knobs (digits=3, ...)."""
     import grain
 
-    from fmzoo.train.data import _shards
     if loss_on not in LOSS_ON:
         raise ValueError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
-    if max_length < 2:
-        raise ValueError(f"max_length must be >= 2, got {max_length}")
-    if getattr(tokenizer, "pad_id", None) is None:
-        raise ValueError("SFT batches pad rows with the tokenizer's pad_id, which is None; "
-                         "load the tokenizer with pad_id (or eos_id) set")
-    shard_index, shard_count = _shards(shard_index, shard_count)
-    batching._check_common(batch_size, shard_index, shard_count, seed, num_epochs,
-                           {"max_length": max_length})
+    shard_index, shard_count = check_batch_settings(
+        "SFT", tokenizer, max_length, batch_size, shard_index, shard_count, seed, num_epochs)
     src = load_sft_source(name_or_path, split, data_dir=data_dir, **options)
     if len(src):  # a tokenizer without a chat template fails here, not in a grain thread
         encode_record(tokenizer, src.record(0))

@@ -19,7 +19,9 @@ i is 'validation' when i % 100 == 99 (as train/text_data.py), with 2..99 records
 one is, and a single record has none. The embedded tasks (train/tasks.py) become the
 builder `sft_tasks` of conversational prompt-completion records with train / validation /
 test splits. TFDS writes into an `incomplete.*` directory renamed when done, so a failure
-leaves nothing a later run trusts.
+leaves nothing a later run trusts. Another record format reuses all of this by passing
+`rules=` (a module with parse_record, RULES_VERSION, _FIX and builder_classes, whose
+builders subclass these): train/pref_records.py.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import threading
 from typing import Any
 
@@ -94,6 +97,9 @@ def parse_record(record: Any, where: str) -> dict:
         return {"format": "messages",
                 "messages": _messages(record["messages"], where, "messages",
                                       need_assistant=True)}
+    if "chosen" in record or "rejected" in record:
+        raise UserDataError(f"{where}: a preference record (\"chosen\"/\"rejected\"), which "
+                            "`fmzoo reward` and `fmzoo dpo` read; for SFT, " + _FIX)
     if "prompt" in record or "completion" in record:
         missing = [k for k in ("prompt", "completion") if k not in record]
         if missing:
@@ -123,8 +129,15 @@ def parse_record(record: Any, where: str) -> dict:
                         f"\"text\" (keys: {sorted(record)[:10]}); {_FIX}")
 
 
-def read_records(path: str):
+def _rules(rules):
+    """The record rules: this module (SFT), or another with the same names (parse_record,
+    RULES_VERSION, _FIX, builder_classes), e.g. train/pref_records.py."""
+    return sys.modules[__name__] if rules is None else rules
+
+
+def read_records(path: str, rules=None):
     """(line number, normalized record) of every non-blank line; one format per file."""
+    rules = _rules(rules)
     first = None
     for number, line in _lines(path):
         if not line.strip():
@@ -134,8 +147,8 @@ def read_records(path: str):
             value = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserDataError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); "
-                                f"{_FIX}") from None
-        rec = parse_record(value, where)
+                                f"{rules._FIX}") from None
+        rec = rules.parse_record(value, where)
         if first is None:
             first = (rec["format"], number)
         elif rec["format"] != first[0]:
@@ -144,13 +157,14 @@ def read_records(path: str):
         yield number, rec
 
 
-def check_file(path: str) -> tuple[str, int]:
+def check_file(path: str, rules=None) -> tuple[str, int]:
     """(format, number of records) after checking every line; raises on the first problem."""
     fmt, n = None, 0
-    for _, rec in read_records(path):
+    for _, rec in read_records(path, rules):
         fmt, n = rec["format"], n + 1
     if n == 0:
-        raise UserDataError(f"{path}: no records (the file is empty or blank); {_FIX}")
+        raise UserDataError(f"{path}: no records (the file is empty or blank); "
+                            f"{_rules(rules)._FIX}")
     return fmt, n
 
 
@@ -190,8 +204,8 @@ def split_files(path: str) -> dict[str, list[str]]:
     return out
 
 
-def fingerprint(path: str) -> str:
-    h = hashlib.sha256(f"{RULES_VERSION}\n{path}\n".encode())
+def fingerprint(path: str, rules=None) -> str:
+    h = hashlib.sha256(f"{_rules(rules).RULES_VERSION}\n{path}\n".encode())
     for split, files in sorted(split_files(path).items()):
         for f in files:
             st = os.stat(f)
@@ -199,12 +213,12 @@ def fingerprint(path: str) -> str:
     return h.hexdigest()
 
 
-def check_data(path: str) -> tuple[str, int]:
+def check_data(path: str, rules=None) -> tuple[str, int]:
     """(format, training records) after checking every file; the first problem raises."""
     first, n_train = None, 0
     for split, files in split_files(path).items():
         for f in files:
-            fmt, n = check_file(f)
+            fmt, n = check_file(f, rules)
             if first is None:
                 first = (fmt, f)
             elif fmt != first[0]:
@@ -214,14 +228,14 @@ def check_data(path: str) -> tuple[str, int]:
     return first[0], n_train
 
 
-def _split_records(path: str, split: str, num_train: int):
+def _split_records(path: str, split: str, num_train: int, rules=None):
     """(index, record with "where" = file:line) of one split, in file and line order."""
     files = split_files(path)
     held_out_files = "validation" in files
     i = t = 0  # record key over all files; index among the training files' records
     for f_split, group in files.items():
         for f in group:
-            for number, rec in read_records(f):
+            for number, rec in read_records(f, rules):
                 rec = {**rec, "where": f"{f}:{number}"}
                 if f_split == "train":
                     f_split_of = "train" if held_out_files else split_of(t, num_train)
@@ -264,6 +278,7 @@ def _define_builders():
 
         VERSION = tfds.core.Version("1.0.0")
         code_path = None  # no checksums file to look up (see train/datasets.py)
+        RULES = None  # the record rules (_rules); a subclass reads another format
 
         def _info(self):
             c = self.builder_config
@@ -271,7 +286,7 @@ def _define_builders():
                 builder=self, description=self.__doc__, features=features(),
                 metadata=tfds.core.MetadataDict(source=c.path, fingerprint=c.fingerprint,
                                                 format=c.record_format,
-                                                rules_version=RULES_VERSION))
+                                                rules_version=_rules(self.RULES).RULES_VERSION))
 
         def _split_generators(self, dl_manager):
             del dl_manager
@@ -283,10 +298,10 @@ def _define_builders():
 
         def _generate_examples(self, split):
             c = self.builder_config
-            if fingerprint(c.path) != c.fingerprint:
+            if fingerprint(c.path, self.RULES) != c.fingerprint:
                 raise UserDataError(f"{c.path} changed while being prepared; run again once "
                                     "it is written")
-            for i, rec in _split_records(c.path, split, c.num_records):
+            for i, rec in _split_records(c.path, split, c.num_records, self.RULES):
                 yield i, {"example": json.dumps(rec)}
 
     @dataclasses.dataclass(eq=False)
@@ -329,17 +344,18 @@ def _slug(path: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", base).strip("_")[:40] or "data"
 
 
-def jsonl_builder(path: str, data_dir: str, num_records: int = 0, record_format: str = ""):
-    cls, cfg_cls = builder_classes()["jsonl"]
-    fp = fingerprint(path)
+def jsonl_builder(path: str, data_dir: str, num_records: int = 0, record_format: str = "",
+                  rules=None):
+    cls, cfg_cls = _rules(rules).builder_classes()["jsonl"]
+    fp = fingerprint(path, rules)
     config = cfg_cls(name=f"{_slug(path)}_{fp[:16]}", path=path, fingerprint=fp,
                      num_records=num_records, record_format=record_format,
                      description=f"instruction data {path}")
     return cls(config=config, data_dir=data_dir, file_format="array_record")
 
 
-def tasks_builder(name: str, data_dir: str, **knobs):
-    cls, cfg_cls = builder_classes()["tasks"]
+def tasks_builder(name: str, data_dir: str, *, rules=None, **knobs):
+    cls, cfg_cls = _rules(rules).builder_classes()["tasks"]
     k = tasks_lib.check_knobs(knobs)
     tasks_lib.task_names(name)
     config = cfg_cls(name=tasks_lib.config_name(name, k), task=name,
@@ -371,17 +387,17 @@ def _build(builder, make, data_dir: str):
     return builder
 
 
-def prepare(name: str, data_dir: str, **options):
-    """The prepared builder of an embedded task name or a JSONL path."""
+def prepare(name: str, data_dir: str, *, rules=None, **options):
+    """The prepared builder of an embedded task name or a JSONL path (read by `rules`)."""
     if tasks_lib.is_task_name(name):
-        builder = tasks_builder(name, data_dir, **options)
-        return _build(builder, lambda: tasks_builder(name, data_dir, **options), data_dir)
+        make = lambda: tasks_builder(name, data_dir, rules=rules, **options)  # noqa: E731
+        return _build(make(), make, data_dir)
     if options:
         raise ValueError(f"options {sorted(options)} apply to the embedded tasks only, not "
                          f"to {name!r}")
     path = jsonl_path(name)
-    builder = jsonl_builder(path, data_dir)
+    builder = jsonl_builder(path, data_dir, rules=rules)
     if builder.is_prepared():
         return builder
-    fmt, n = check_data(path)  # every error before any write
-    return _build(builder, lambda: jsonl_builder(path, data_dir, n, fmt), data_dir)
+    fmt, n = check_data(path, rules)  # every error before any write
+    return _build(builder, lambda: jsonl_builder(path, data_dir, n, fmt, rules), data_dir)

@@ -102,12 +102,37 @@ def lora_optimizer(tx: optax.GradientTransformation) -> optax.GradientTransforma
     return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 
-def lora_loss(loss_fn: Callable, spec: Any) -> Callable:
+def lora_loss(loss_fn: Callable, spec: Any, *, base_as_frozen: bool = False) -> Callable:
     """A model loss as a loss of {"base", "lora"} params: the frozen base (no gradient flows
-    into it) merged with the adapters inside the step."""
+    into it) merged with the adapters inside the step. With `base_as_frozen` the loss is
+    `loss_fn(merged, batch, rng, base)`: the frozen base is also the reference model (TRL's
+    DPO with PEFT adapters), so no second copy of the weights exists."""
     from fmzoo.models import lora as lora_lib
 
     def loss(params, batch, rng):
-        merged = lora_lib.merge(jax.lax.stop_gradient(params["base"]), params["lora"], spec)
-        return loss_fn(merged, batch, rng)
+        base = jax.lax.stop_gradient(params["base"])
+        merged = lora_lib.merge(base, params["lora"], spec)
+        return loss_fn(merged, batch, rng, base) if base_as_frozen else \
+            loss_fn(merged, batch, rng)
     return loss
+
+
+def check_frozen(config: Any, lora: Any, frozen: Any, base_name: str) -> Any:
+    """The Trainer's `frozen` argument checked before any work: None, `base_name` (with
+    LoRA: the frozen base) or a tree of weights that fits the model."""
+    if frozen is None:
+        return None
+    if isinstance(frozen, str):
+        if frozen != base_name or lora is None:
+            raise ValueError(f"frozen={frozen!r}: only frozen={base_name!r} (with LoRA: the "
+                             "frozen base) or a tree of weights is accepted")
+        return frozen
+    if lora is not None:
+        raise ValueError(f"with LoRA the frozen weights are the base: pass frozen="
+                         f"{base_name!r}, not a second copy of the weights")
+    from .checkpoint import CheckpointError, describe_mismatch
+    diff = describe_mismatch(registry.param_shapes(config), frozen)
+    if diff:
+        raise CheckpointError(f"the frozen (reference) weights do not fit the model: {diff}; "
+                              "give weights of the same architecture")
+    return frozen

@@ -5,6 +5,11 @@ Shape letters: N devices (pmap), M microbatches, B batch rows.
 Gradients are token-weighted everywhere: a microbatch or a device shard counts in proportion
 to the target tokens it holds, so k accumulated microbatches, n pmap shards and one big
 batch all give the same update (up to float rounding).
+
+A step may take a FROZEN input besides the state and the batch (DPO's reference weights):
+`step(state, batch, frozen)` then calls `loss_fn(params, batch, rng, frozen)` with
+`stop_gradient(frozen)`; it is laid out like the params (same shardings tree), never
+trained, never in the optimizer or the checkpoint, and not donated.
 """
 
 from __future__ import annotations
@@ -110,25 +115,55 @@ def _apply(tx: optax.GradientTransformation, state: TrainState, grads, metrics) 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mesh,
                     state_shardings: TrainState, *, accum_steps: int = 1,
-                    donate: bool = True) -> StepFn:
+                    donate: bool = True, frozen_shardings: Any = None) -> StepFn:
     """`step(state, batch) -> (state, metrics)` compiled with jit on `mesh`.
 
     The state keeps the layout of `state_shardings` (params and optimiser state by the
     logical-axis rules); the batch is split over ('data', 'fsdp') on its first axis; the
-    metrics come back replicated. The incoming state is donated.
+    metrics come back replicated. The incoming state is donated. With `frozen_shardings`
+    the step is `step(state, batch, frozen)` (see the module docstring).
     """
-    gathered_loss = _fsdp_gathered(loss_fn, state_shardings.params)
-
-    def train_step(state: TrainState, batch: dict):
-        grads, metrics = accumulate_gradients(gathered_loss, state.params, batch, _key(state),
+    def train_step(state: TrainState, batch: dict, *frozen):
+        loss = _fsdp_gathered(_with_frozen(loss_fn, frozen, frozen_shardings),
+                              state_shardings.params)
+        grads, metrics = accumulate_gradients(loss, state.params, batch, _key(state),
                                               accum_steps, mesh)
         return _apply(tx, state, grads, metrics)
 
     replicated = NamedSharding(mesh, P())
-    step = jax.jit(train_step, in_shardings=(state_shardings, NamedSharding(mesh, P(BATCH_AXES))),
+    ins = (state_shardings, NamedSharding(mesh, P(BATCH_AXES)))
+    step = jax.jit(train_step, in_shardings=ins + _frozen_in(frozen_shardings),
                    out_shardings=(state_shardings, replicated),
                    donate_argnums=(0,) if donate else ())
     return _in_mesh(step, mesh)
+
+
+def bind_frozen(step: Callable, frozen: Any) -> Callable:
+    """step(state, batch) from step(state, batch, frozen) (`.lower` kept for inspection)."""
+    if frozen is None:
+        return step
+
+    def call(state, batch):
+        return step(state, batch, frozen)
+    if hasattr(step, "lower"):
+        call.lower = lambda state, batch: step.lower(state, batch, frozen)
+    return call
+
+
+def _frozen_in(frozen_shardings: Any) -> tuple:
+    return () if frozen_shardings is None else (frozen_shardings,)
+
+
+def _with_frozen(loss_fn: Callable, frozen: tuple, frozen_shardings: Any = None) -> LossFn:
+    """`loss_fn(params, batch, rng, frozen)` as a loss of (params, batch, rng): the frozen
+    input (gathered along 'fsdp' like the params) enters with stop_gradient."""
+    if not frozen:
+        return loss_fn
+    (tree,) = frozen
+    if frozen_shardings is not None:
+        tree = jax.lax.with_sharding_constraint(tree, without_axis(frozen_shardings, "fsdp"))
+    tree = jax.lax.stop_gradient(tree)
+    return lambda params, batch, rng: loss_fn(params, batch, rng, tree)
 
 
 def _fsdp_gathered(loss_fn: LossFn, param_shardings: Any) -> LossFn:
@@ -155,11 +190,16 @@ def _in_mesh(fn: Callable, mesh: Mesh) -> Callable:
     return call
 
 
-def make_eval_step(loss_fn: LossFn, mesh: Mesh, param_shardings: Any) -> Callable:
-    """`eval_step(params, batch) -> metrics` (no gradients, no dropout)."""
-    gathered_loss = _fsdp_gathered(loss_fn, param_shardings)
-    return _in_mesh(jax.jit(lambda params, batch: gathered_loss(params, batch, None)[1],
-                            in_shardings=(param_shardings, NamedSharding(mesh, P(BATCH_AXES))),
+def make_eval_step(loss_fn: LossFn, mesh: Mesh, param_shardings: Any, *,
+                   frozen_shardings: Any = None) -> Callable:
+    """`eval_step(params, batch) -> metrics` (no gradients, no dropout); with
+    `frozen_shardings`, `eval_step(params, batch, frozen)`."""
+    def metrics(params, batch, *frozen):
+        loss = _fsdp_gathered(_with_frozen(loss_fn, frozen, frozen_shardings), param_shardings)
+        return loss(params, batch, None)[1]
+
+    ins = (param_shardings, NamedSharding(mesh, P(BATCH_AXES))) + _frozen_in(frozen_shardings)
+    return _in_mesh(jax.jit(metrics, in_shardings=ins,
                             out_shardings=NamedSharding(mesh, P())), mesh)
 
 
@@ -196,13 +236,19 @@ def shard_batch(batch: dict, n_devices: int) -> dict:
 
 def make_pmap_step(loss_fn: LossFn, tx: optax.GradientTransformation, *,
                    accum_steps: int = 1, axis_name: str = "batch",
-                   devices: list | None = None, donate: bool = True) -> StepFn:
+                   devices: list | None = None, donate: bool = True,
+                   frozen: bool = False) -> StepFn:
     """The classic data-parallel step: replicated state, per-device batch shard [N, B/N, ...],
     gradients and metrics combined across devices by the same token-weighted reduction as
-    microbatches (`weigh`, a `lax.psum`, `normalise`)."""
-    def train_step(state: TrainState, batch: dict):
+    microbatches (`weigh`, a `lax.psum`, `normalise`). With `frozen`, the step is
+    `step(state, batch, frozen)`, the frozen tree replicated like the state (`replicate`)."""
+    def train_step(state: TrainState, batch: dict, *tree):
+        if bool(tree) != frozen:
+            raise TypeError(f"this pmap step was made with frozen={frozen}; call it as "
+                            + ("step(state, batch, frozen)" if frozen else "step(state, batch)"))
         rng = jax.random.fold_in(_key(state), jax.lax.axis_index(axis_name))
-        parts = weigh(*accumulate_gradients(loss_fn, state.params, batch, rng, accum_steps))
+        parts = weigh(*accumulate_gradients(_with_frozen(loss_fn, tree), state.params, batch,
+                                            rng, accum_steps))
         grads, metrics = normalise(*jax.lax.psum(parts, axis_name))
         return _apply(tx, state, grads, metrics)
 

@@ -11,6 +11,11 @@ workdir lock for the whole run.
 
 A state is saved only after its loss, gradient norm and params were seen finite, so the
 latest checkpoint is always one a run can continue from.
+
+A command may hand the Trainer FROZEN weights (DPO's reference model): `frozen=params` (a
+tree like the model's params) or, with LoRA, `frozen=FROZEN_BASE` (the frozen base itself).
+The task's losses are then `(params, batch, rng, frozen)`; the frozen weights are laid out
+like the params, given to every compiled step and evaluation, never trained, never saved.
 """
 
 from __future__ import annotations
@@ -29,14 +34,18 @@ import numpy as np
 
 from . import checkpoint as ckpt_lib
 from .config import Settings, check_resume, config_error
+from .divergence import divergence_message
 from .losses import LossFn
 from .mesh import check_batch_size, make_mesh, put_batch
 from .metrics import MetricsWriter, truncate_metrics
 from .optim import lr_schedule, make_optimizer
-from .state import (create_train_state, lora_loss, lora_optimizer, sharded_init,
+from .state import (check_frozen, create_train_state, lora_loss, lora_optimizer, sharded_init,
                     state_shapes, state_shardings)
-from .step import (make_eval_step, make_pmap_step, make_train_step, replicate, shard_batch,
-                   unreplicate)
+from .step import (bind_frozen, make_eval_step, make_pmap_step, make_train_step, replicate,
+                   shard_batch, unreplicate)
+
+
+FROZEN_BASE = "lora_base"  # Trainer(frozen=...): with LoRA, the frozen base is the frozen input
 
 
 class TrainingDiverged(RuntimeError):
@@ -73,17 +82,6 @@ def _place(x, sharding) -> jax.Array:
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
-def _config_suspects(config: Any) -> str:
-    """The model config fields that commonly make a fresh model produce NaN or Inf."""
-    checks = {"norm_eps": lambda v: v <= 0, "rope_theta": lambda v: v <= 0,  # 0: x / 0
-              "dtype": lambda v: v == "float16"}
-    shown = [f"{k}={getattr(config, k)!r}" for k in checks if hasattr(config, k)]
-    bad = [f"{k}={getattr(config, k)!r}" for k, bad in checks.items()
-           if hasattr(config, k) and bad(getattr(config, k))]
-    return (f"suspicious: {', '.join(bad)}" if bad else
-            f"check the overrides ({', '.join(shown)})")
-
-
 class Trainer:
     """Runs `task` under `settings` for model `config`; see the module docstring. `task` may
     be a function returning the Task, called once the settings passed every check here (so a
@@ -91,9 +89,11 @@ class Trainer:
 
     def __init__(self, settings: Settings, config: Any, task: Task | Callable[[], Task], *,
                  init_params: Any = None, init_info: dict | None = None,
-                 tokenizer: Any = None, stop_after: int | None = None, lora: Any = None):
+                 tokenizer: Any = None, stop_after: int | None = None, lora: Any = None,
+                 frozen: Any = None):
         self.settings, self.config, self.task = settings, config, task
         self.lora = lora  # a LoraSpec: params are {"base" (frozen), "lora" (trained)}
+        self.frozen = check_frozen(config, lora, frozen, FROZEN_BASE)
         self.tokenizer, self.stop_after = tokenizer, stop_after
         self.init_params, self.init_info = init_params, init_info or {}
         s = settings
@@ -207,7 +207,7 @@ class Trainer:
     def _loop(self, state) -> None:
         s = self.settings
         if self.summary["start_step"] == 0 and getattr(s.eval, "at_start", False):
-            self.evaluate(0, self.model_params(self.host(state).params))  # the base model
+            self._evaluate_state(0, state)  # the base model
         for step in range(self.summary["start_step"] + 1, s.run.steps + 1):
             state, metrics = self.step_fn(state, self.feed(next(self.task.batches)))
             if step == self.summary["start_step"] + 1:  # compile time is not throughput
@@ -223,7 +223,7 @@ class Trainer:
             if save:
                 self.save(state, step)
             if evaluate:
-                self.evaluate(step, self.model_params(self.host(state).params))
+                self._evaluate_state(step, state)
             if last:
                 break
 
@@ -311,23 +311,35 @@ class Trainer:
     def _compile(self, state, shardings):
         s = self.settings
         loss_fn = self._on_params(self.task.loss_fn)
-        eval_loss = self.task.eval_loss_fn or (lambda p, b, rng: self.task.loss_fn(p, b, None))
+        eval_loss = self.task.eval_loss_fn or (
+            lambda p, b, rng, *frozen: self.task.loss_fn(p, b, None, *frozen))
         # evaluation sees the model's params (with LoRA: merged, laid out like the base)
         model_shardings = shardings.params if self.lora is None else shardings.params["base"]
-        self.eval_step = make_eval_step(eval_loss, self.mesh, model_shardings)
         if self.lora is not None:
             from fmzoo.models import lora as lora_lib
             spec = self.lora
             self._merge = jax.jit(lambda p: lora_lib.merge(p["base"], p["lora"], spec),
                                   out_shardings=model_shardings)
+        tree = self.frozen is not None and not isinstance(self.frozen, str)  # a step input
+        if tree:  # placed once, like the params; the host copy is released
+            from fmzoo.models import registry
+            dtypes = jax.tree.map(lambda x: x.dtype, registry.param_shapes(self.config))
+            self._frozen = jax.tree.map(lambda x, sh, d: _place(np.asarray(
+                jax.device_get(x)).astype(d), sh), self.frozen, model_shardings, dtypes)
+            self.frozen = self._frozen
+        self.eval_step = make_eval_step(eval_loss, self.mesh, model_shardings,
+                                        frozen_shardings=model_shardings if self.frozen
+                                        is not None else None)
         if s.mesh.pmap:
             n_dev = jax.local_device_count()
-            self.step_fn = make_pmap_step(loss_fn, self.tx, accum_steps=s.optim.accum)
+            step = make_pmap_step(loss_fn, self.tx, accum_steps=s.optim.accum, frozen=tree)
+            self.step_fn = bind_frozen(step, replicate(self._frozen) if tree else None)
             self.feed = lambda b: shard_batch(b, n_dev)
             self.host = lambda st: jax.device_put(unreplicate(st), shardings)
             return replicate(state)
-        self.step_fn = make_train_step(loss_fn, self.tx, self.mesh, shardings,
-                                       accum_steps=s.optim.accum)
+        step = make_train_step(loss_fn, self.tx, self.mesh, shardings, accum_steps=s.optim.accum,
+                               frozen_shardings=model_shardings if tree else None)
+        self.step_fn = bind_frozen(step, self._frozen if tree else None)
         self.feed = lambda b: put_batch(b, self.mesh)
         self.host = lambda st: st
         return state
@@ -335,7 +347,15 @@ class Trainer:
     def _on_params(self, loss_fn: LossFn) -> LossFn:
         """The task's loss on the model's params: with LoRA, the base (frozen: no gradient
         flows into it) merged with the adapters inside the step."""
-        return loss_fn if self.lora is None else lora_loss(loss_fn, self.lora)
+        if self.lora is None:
+            return loss_fn
+        return lora_loss(loss_fn, self.lora, base_as_frozen=isinstance(self.frozen, str))
+
+    def _evaluate_state(self, step: int, state) -> None:
+        params = self.host(state).params
+        frozen = None if self.frozen is None else \
+            params["base"] if isinstance(self.frozen, str) else self._frozen
+        self.evaluate(step, self.model_params(params), frozen)
 
     def model_params(self, params):
         """The params a model call takes (LoRA merged), for evaluation and samples."""
@@ -371,21 +391,8 @@ class Trainer:
             raise TrainingDiverged(self._divergence_message(step, bad))
 
     def _divergence_message(self, step: int, bad: dict) -> str:
-        o = self.settings.optim
-        what = ", ".join(f"{k} {v}" for k, v in bad.items())
-        last = self.ckpt.latest_step()
-        kept = (f"the last good checkpoint (step {last}) in {self.ckpt.directory} is intact"
-                if last is not None else "no checkpoint had been written yet")
-        if step == 1 and set(bad) & {"loss", "grad_norm"}:
-            source = self.init_info.get("source")
-            model = (f"the model with its starting weights ({source})" if source and
-                     self.init_info.get("kind") != "preset" else "the model itself")
-            return (f"{what} at step 1, before any update: {model} produces non-finite "
-                    f"values, so the learning rate is not the cause; "
-                    f"{_config_suspects(self.config)}. Nothing was saved")
-        return (f"non-finite values at step {step} ({what}); stopping without saving. {kept}. "
-                f"Lower --lr (now {o.lr:g}), raise --warmup (now {o.warmup}) or set "
-                f"--clip-norm (now {o.clip_norm:g}), then --resume")
+        return divergence_message(step, bad, self.settings.optim, self.ckpt.latest_step(),
+                                  self.ckpt.directory, self.init_info, self.config)
 
     def save(self, state, step: int) -> None:
         """Saves `state` after checking its params are finite (a NaN never reaches disk)."""
@@ -398,10 +405,10 @@ class Trainer:
         self.ckpt.save(host, meta, data_iter=self.task.batches)
         self.clock = time.perf_counter()
 
-    def evaluate(self, step: int, params) -> None:
+    def evaluate(self, step: int, params, frozen: Any = None) -> None:
         """Token-weighted means of the eval loss's metrics over settings.eval.batches global
         batches; every process feeds its own rows, so the result does not depend on the
-        number of processes."""
+        number of processes. `frozen`: the frozen weights, when the Trainer has them."""
         import tqdm
         s, task = self.settings, self.task
         if task.eval_batches is None:
@@ -414,7 +421,8 @@ class Trainer:
         for batch in itertools.islice(task.eval_batches(), s.eval.batches):
             first = batch if first is None else first
             part = put_batch({k: v[mine] for k, v in batch.items()}, self.mesh)
-            m = {k: float(v) for k, v in jax.device_get(self.eval_step(params, part)).items()}
+            out = self.eval_step(params, part, *(() if frozen is None else (frozen,)))
+            m = {k: float(v) for k, v in jax.device_get(out).items()}
             n = m.pop("tokens")
             tokens += n
             for k, v in m.items():
