@@ -260,21 +260,6 @@ def _train_rows(workdir):
             for r in _rows(workdir) if "loss" in r}
 
 
-def test_dpo_raises_held_out_reward_accuracy(tmp_path, data_dir):
-    from fmzoo.train.dpo import dpo
-    s = _settings(tmp_path / "w", data_dir, data={"batch_size": 16},
-                  optim={"lr": 1e-2, "warmup": 2}, run={"steps": 20, "log_every": 5},
-                  eval={"at_start": True}, checkpoint={"save_every": 100})
-    out = dpo(s)
-    rows = _rows(tmp_path / "w")
-    start = next(r for r in rows if r["step"] == 0)
-    assert start["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference
-    assert start["eval_rewards/accuracies"] == 0.0
-    assert rows[1]["step"] == 1 and rows[1]["loss"] == pytest.approx(math.log(2), abs=1e-6)
-    assert out["eval_rewards/accuracies"] > 0.55 and out["eval_rewards/margins"] > 0.05
-    assert out["eval_loss"] < math.log(2) - 0.02
-
-
 def test_precomputed_reference_and_resume_give_the_same_run(tmp_path, data_dir):
     """One run with --precompute-ref straight to step 4; one with the in-step reference
     stopped at step 2 and resumed: every logged value agrees."""
@@ -350,23 +335,3 @@ def test_ref_table_refuses_changed_or_missing_records(tmp_path):
     changed["index"][0] = 9
     with pytest.raises(ValueError, match=r"have no entry for record\(s\) \[9\]"):
         table.lookup(changed)
-
-
-def test_lora_run_on_pmap_with_accumulation_matches_the_mesh_run(tmp_path, data_dir):
-    """The Trainer's frozen plumbing end to end: LoRA (the base is the reference) on the
-    default mesh vs --pmap with 2 microbatches per device."""
-    from fmzoo.train.dpo import dpo
-    common = dict(data={"batch_size": 16}, optim={"lr": 1e-2, "warmup": 1},
-                  run={"steps": 3}, eval={"every": 3, "batches": 1})
-    dpo(_settings(tmp_path / "mesh", data_dir, dpo={"lora_rank": 2}, **common))
-    dpo(_settings(tmp_path / "pmap", data_dir, dpo={"lora_rank": 2},
-                  mesh={"pmap": True}, **dict(common, optim={"lr": 1e-2, "warmup": 1,
-                                                             "accum": 2})))
-    a, b = _rows(tmp_path / "mesh"), _rows(tmp_path / "pmap")
-    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 3]
-    assert "eval_rewards/accuracies" in a[-1]
-    for ra, rb in zip(a, b):
-        for k, v in ra.items():
-            if k not in ("tokens_per_s", "truncated_pairs"):
-                assert rb[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
-    assert a[2]["rewards/margins"] != 0.0 and a[3]["eval_rewards/margins"] != 0.0

@@ -87,28 +87,6 @@ def test_packed_loss_equals_unpacked_loss(tmp_path):
     assert totals[True][2] < totals[False][2]  # packing did pack
 
 
-def test_lora_run_loads_merged_and_refuses_resume_without_adapters(tmp_path):
-    """(Exact resume of a LoRA run: test_sft_killed_with_sigkill_resumes_bit_for_bit.)"""
-    import fmzoo
-    from fmzoo.models.registry import param_shapes
-    from fmzoo.models.workdir import load_workdir
-    from fmzoo.train import checkpoint as ckpt_lib
-    common = dict(data=dict(name="tasks/reverse"), sft=dict(lora_rank=4, lora_alpha=8.0),
-                  checkpoint=dict(save_every=3), run=dict(steps=3))
-    prepare_sft(settings(tmp_path, "whole", **common)).run()
-    a = load_workdir(str(tmp_path / "whole")).params
-    # the saved state is {"base", "lora"}; fmzoo.load merges it
-    with open(os.path.join(tmp_path, "whole", ckpt_lib.RUN_FILE)) as f:
-        assert json.load(f)["lora"]["rank"] == 4
-    loaded = fmzoo.load(str(tmp_path / "whole"))
-    jax.tree.map(np.testing.assert_array_equal, loaded.params, a)
-    assert jax.tree.structure(loaded.params) == jax.tree.structure(
-        param_shapes(loaded.config))  # a plain model: no "base"/"lora" left
-    with pytest.raises(ConfigError, match="LoRA"):  # resuming without the adapters
-        prepare_sft(settings(tmp_path, "whole", data=dict(name="tasks/reverse"),
-                             run=dict(steps=8, resume=True)))
-
-
 def test_bad_options_fail_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="decoder-only"):
         prepare_sft(settings(tmp_path, model=dict(source="rnn-seq2seq", overrides={})))
@@ -121,10 +99,10 @@ def test_bad_options_fail_before_any_work(tmp_path):
     assert not os.path.exists(tmp_path / "tfds") and not os.path.exists(tmp_path / "run")
 
 
-def test_sft_raises_exact_match_far_above_the_base_model(tmp_path):
+def test_sft_raises_exact_match_far_above_the_base_model_and_dpo_keeps_it(tmp_path):
     """Reversing 3-letter words never seen in training: the random base answers none;
     300 steps of SFT answer most of them (learned positions make the copy easy to find;
-    llama-tiny of this size needs several times the steps)."""
+    llama-tiny of this size needs several times the steps); DPO then keeps them."""
     s = settings(tmp_path, model=dict(source="gpt-tiny", overrides=dict(
                      n_layers=2, d_model=64, n_heads=4, d_ff=128, max_len=64)),
                  data=dict(name="tasks/reverse", batch_size=128, max_length=36,
@@ -136,6 +114,24 @@ def test_sft_raises_exact_match_far_above_the_base_model(tmp_path):
     rows = [r for r in read_metrics(str(tmp_path / "run")) if "eval_exact_match" in r]
     assert rows[0]["step"] == 0 and rows[0]["eval_exact_match"] == 0.0  # the base model
     assert rows[-1]["step"] == 300 and summary["eval_exact_match"] >= 0.5, summary
+
+    # then DPO from it (issue 11) with its default recipe, on held-out-disjoint pairs of the
+    # same task (the right reversal against two letters swapped): the held-out preference
+    # accuracy rises from 0 (policy == reference) and exact match does not fall
+    from fmzoo.train.dpo import DPOSettings, dpo
+    d = DPOSettings.from_dict(dict(
+        model=dict(source=str(tmp_path / "run")), mesh=dict(spec="data=8"),
+        data=dict(name="tasks/reverse", batch_size=32, max_length=36,
+                  data_dir=str(tmp_path / "tfds"), options=dict(min_word=3, max_word=3)),
+        eval=dict(every=0, batches=2, examples=32, at_start=True),
+        checkpoint=dict(save_every=1000),
+        run=dict(workdir=str(tmp_path / "dpo"), steps=10, log_every=5, progress=False)))
+    after = dpo(d)
+    evals = [r for r in read_metrics(str(tmp_path / "dpo")) if "eval_exact_match" in r]
+    assert evals[0]["step"] == 0 and evals[0]["eval_rewards/accuracies"] == 0.0
+    assert evals[-1]["eval_rewards/accuracies"] >= 0.6, evals[-1]  # 0.77 measured
+    assert evals[0]["eval_exact_match"] == summary["eval_exact_match"]  # the same model
+    assert after["eval_exact_match"] >= summary["eval_exact_match"], (after, summary)
 
 
 def test_sft_killed_with_sigkill_resumes_bit_for_bit(tmp_path):
@@ -179,3 +175,15 @@ def test_sft_killed_with_sigkill_resumes_bit_for_bit(tmp_path):
     assert resumed["start_step"] == last and resumed["loss"] == whole["loss"]
     a, b = (load_workdir(str(tmp_path / w)).params for w in ("whole", "killed"))
     jax.tree.map(np.testing.assert_array_equal, a, b)
+    # the saved state is {"base", "lora"}; fmzoo.load merges it into a plain model
+    import fmzoo
+    from fmzoo.models.registry import param_shapes
+    from fmzoo.train import checkpoint as ckpt_lib
+    with open(os.path.join(tmp_path, "whole", ckpt_lib.RUN_FILE)) as f:
+        assert json.load(f)["lora"]["rank"] == 4
+    loaded = fmzoo.load(str(tmp_path / "whole"))
+    jax.tree.map(np.testing.assert_array_equal, loaded.params, a)
+    assert jax.tree.structure(loaded.params) == jax.tree.structure(param_shapes(loaded.config))
+    with pytest.raises(ConfigError, match="LoRA"):  # resuming without the adapters
+        prepare_sft(settings(tmp_path, "whole", data=dict(name="tasks/reverse"),
+                             run=dict(steps=14, resume=True)))
