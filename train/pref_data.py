@@ -79,7 +79,6 @@ def fit_pair(pair: tuple, max_length: int, bos_id) -> tuple[tuple, bool]:
     return tuple((x[:keep] + x[keep + drop:])[:max_length] for x in pair), True
 
 
-_fit = fit_pair  # the name train/reward.py imports
 
 
 def _pair_encoder(tokenizer, max_length: int, name: str, split: str):

@@ -304,7 +304,7 @@ def score(model: Any, params: Any, tokenizer: Any, prompts: Sequence[Any],
     (batch_size, padded length) shape; rows are right-padded to a power of two."""
     import numpy as np
 
-    from .pref_data import _fit, encode_pair
+    from .pref_data import encode_pair, fit_pair
     config = getattr(model, "config", None)
     if getattr(config, "head", None) != "score":
         raise ValueError("score() needs a reward model (a workdir written by `fmzoo reward`, "
@@ -320,7 +320,7 @@ def score(model: Any, params: Any, tokenizer: Any, prompts: Sequence[Any],
     rows = []
     for p, r in zip(prompts, responses):
         pair = encode_pair(tokenizer, {"prompt": p, "chosen": r, "rejected": r})
-        rows.append(list(_fit(pair, limit, tokenizer.bos_id)[0][0]))
+        rows.append(list(fit_pair(pair, limit, tokenizer.bos_id)[0][0]))
     out: list[float] = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
