@@ -102,7 +102,8 @@ def load(source: str, *, mesh: Any = None, dtype: str | None = None, rng: Any = 
     if kind == "workdir":
         from fmzoo.models.workdir import load_workdir, read_run_file
 
-        _check_fields(type(read_run_file(path)["config"]), overrides)
+        stored = read_run_file(path)["config"]  # a PPO workdir's fields: its policy's
+        _check_fields(type(getattr(stored, "policy", stored)), overrides)
         return load_workdir(path, mesh=mesh, **fields)
     from fmzoo.models.config import LMConfig
     from fmzoo.models.hf import from_hf

@@ -22,6 +22,9 @@ COMMANDS = {
     "sft": "fmzoo.cli_sft",
     "reward": "fmzoo.cli_reward",
     "dpo": "fmzoo.cli_dpo",
+    "ppo": "fmzoo.cli_ppo",
+    "label": "fmzoo.cli_label",
+    "grpo": "fmzoo.cli_grpo",
     "eval": "fmzoo.cli_eval",
     "export": "fmzoo.cli_export",
 }

@@ -322,8 +322,70 @@ class RNNConfig(_Base):
         return self.d_hidden
 
 
-CONFIG_CLASSES = {c.family: c for c in (LMConfig, EncDecConfig, RNNConfig)}
-ModelConfig = LMConfig | EncDecConfig | RNNConfig
+@dataclasses.dataclass(frozen=True)
+class ActorCriticConfig:
+    """PPO's trained pair (models/actor_critic.py): a policy LM (head 'lm') and a value
+    model (head 'score', read at every position), one param tree {"policy", "value"} under
+    one optimizer, as TRL's PPO trains them. The shared-looking fields (dtype, ids,
+    vocab_size, max_len) are the policy's: generic LM code sees the policy."""
+
+    family: ClassVar[str] = "actor_critic"
+    policy: LMConfig = dataclasses.field(default_factory=LMConfig)
+    value: LMConfig = dataclasses.field(default_factory=lambda: LMConfig(head="score"))
+
+    def __post_init__(self):
+        for name in ("policy", "value"):  # from JSON: nested dicts
+            v = getattr(self, name)
+            if isinstance(v, dict):
+                v = config_from_dict({"family": "lm", **v})
+                object.__setattr__(self, name, v)
+            if not isinstance(v, LMConfig):
+                raise ConfigError(f"ActorCriticConfig.{name} must be a decoder-only LMConfig, "
+                                  f"got {type(v).__name__}")
+        self.validate()
+
+    def validate(self) -> None:
+        p, v = self.policy, self.value
+        _require(p.head == "lm", f"ActorCriticConfig.policy must be a language model "
+                 f"(head='lm'), got head={p.head!r}; pass the SFT model's config")
+        _require(v.head == "score", f"ActorCriticConfig.value must have a score head "
+                 f"(head='score'), got head={v.head!r}; use a reward model's config or "
+                 "policy.replace(head='score')")
+        _require(p.vocab_size == v.vocab_size,
+                 f"the value model's vocabulary ({v.vocab_size}) differs from the policy's "
+                 f"({p.vocab_size}); it must read the policy's tokens: use a reward model "
+                 "trained from the same tokenizer, or --value-model policy")
+
+    def replace(self, **kw) -> "ActorCriticConfig":
+        unknown = sorted(set(kw) - {"policy", "value"})
+        if unknown:
+            raise ConfigError(f"ActorCriticConfig has no field(s) {unknown}; fields are "
+                              "['policy', 'value'] (replace inside them: "
+                              "config.replace(policy=config.policy.replace(...)))")
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"family": self.family, "policy": self.policy.to_dict(),
+                "value": self.value.to_dict()}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    # What generic LM code reads (generation, recipes, messages): the policy's, except
+    # max_len, which both models must fit.
+    dtype = property(lambda self: self.policy.dtype)
+    param_dtype = property(lambda self: self.policy.param_dtype)
+    compute_dtype = property(lambda self: self.policy.compute_dtype)
+    params_dtype = property(lambda self: self.policy.params_dtype)
+    pad_id = property(lambda self: self.policy.pad_id)
+    bos_id = property(lambda self: self.policy.bos_id)
+    eos_id = property(lambda self: self.policy.eos_id)
+    vocab_size = property(lambda self: self.policy.vocab_size)
+    max_len = property(lambda self: min(self.policy.max_len, self.value.max_len))
+
+
+CONFIG_CLASSES = {c.family: c for c in (LMConfig, EncDecConfig, RNNConfig, ActorCriticConfig)}
+ModelConfig = LMConfig | EncDecConfig | RNNConfig | ActorCriticConfig
 
 
 def config_from_dict(d: dict[str, Any]) -> ModelConfig:

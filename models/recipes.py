@@ -70,6 +70,8 @@ def family_recipe(config: ModelConfig) -> dict:
         return dict(_PRE_LN_ENCDEC if config.pre_ln else _POST_LN)
     if isinstance(config, RNNConfig):
         return dict(_RNN)
+    if getattr(config, "family", None) == "actor_critic":  # PPO: trains like its policy
+        return family_recipe(config.policy)
     raise TypeError(f"no training recipe for a config of type {type(config).__name__}")
 
 

@@ -10,7 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .config import ConfigError, EncDecConfig, LMConfig, ModelConfig, RNNConfig
+from .config import (ActorCriticConfig, ConfigError, EncDecConfig, LMConfig, ModelConfig,
+                     RNNConfig)
 from .sharding import LOGICAL_AXIS_RULES, boxed_shardings
 
 _LLAMA3_ROPE = (32.0, 1.0, 4.0, 8192)
@@ -72,13 +73,16 @@ def build(config: ModelConfig) -> nn.Module:
     if isinstance(config, RNNConfig):
         from .rnn import RNNSeq2Seq
         return RNNSeq2Seq(config)
+    if isinstance(config, ActorCriticConfig):  # PPO's policy + value model
+        from .actor_critic import ActorCritic
+        return ActorCritic(config)
     raise ConfigError(f"no model for config of type {type(config).__name__}")
 
 
 def dummy_inputs(config: ModelConfig, batch: int = 1, length: int = 8) -> tuple[Any, ...]:
     length = min(length, config.max_len)
     toks = jnp.zeros((batch, length), jnp.int32)
-    return (toks,) if isinstance(config, LMConfig) else (toks, toks)
+    return (toks,) if isinstance(config, (LMConfig, ActorCriticConfig)) else (toks, toks)
 
 
 def init_boxed(config: ModelConfig, rng: jax.Array) -> Any:

@@ -256,23 +256,41 @@ def _lora_spec(run: dict, path: str) -> Any:
                               f"({e}); restore it from a backup") from None
 
 
+def _actor_critic_part(stored: Any, part: str, dtype: str | None, overrides: dict
+                       ) -> tuple[Any, Any]:
+    """(the config to restore: the pair with `part` overridden, the part's own config)."""
+    if part not in ("policy", "value"):
+        raise CheckpointError(f"part={part!r}: a PPO workdir holds 'policy' and 'value'")
+    sub = apply_overrides(getattr(stored, part), dtype, overrides)
+    return stored.replace(**{part: sub}), sub
+
+
 def load_workdir(path: str, *, mesh: Any = None, step: int | None = None,
-                 dtype: str | None = None, **overrides) -> Loaded:
+                 dtype: str | None = None, part: str = "policy", **overrides) -> Loaded:
     """The latest (or given) checkpoint's params with model, config and tokenizer.
 
     Every file of the step is checked against its sha256 first. Params go onto `mesh` by the
     zoo's sharding rules, or onto the first local device. `dtype` sets the compute and param
     dtype (params are cast on restore); `overrides` may change config fields that keep the
-    parameter shapes (attention_impl, dropout, remat, ...).
+    parameter shapes (attention_impl, dropout, remat, ...). A PPO workdir (an actor-critic
+    pair) gives its policy, an LM like any other; part="value" gives its value model (a
+    DecoderLM with a score head, read at every position by ActorCritic.values).
     """
     from jax.sharding import SingleDeviceSharding
 
     from . import registry
+    from .config import ActorCriticConfig
     from .tokenizer import load_tokenizer
 
     path = os.path.abspath(os.path.expanduser(path))
     run = read_run_file(path)
-    config = apply_overrides(run["config"], dtype, overrides)
+    if isinstance(run["config"], ActorCriticConfig):
+        config, part_config = _actor_critic_part(run["config"], part, dtype, overrides)
+    elif part != "policy":
+        raise CheckpointError(f"part={part!r} reads a PPO workdir (`fmzoo ppo`); {path} holds "
+                              f"a {run['config'].family} model: leave part out")
+    else:
+        config = part_config = apply_overrides(run["config"], dtype, overrides)
     lora_spec = _lora_spec(run, path)
     ckpt_dir = os.path.join(path, CKPT_DIR)
     steps = committed_steps(ckpt_dir)
@@ -306,6 +324,8 @@ def load_workdir(path: str, *, mesh: Any = None, step: int | None = None,
         params = jax.jit(lambda t: jax.tree.map(lambda x, w: x.astype(w.dtype),
                                                 lora.merge_tree(t, lora_spec), want),
                          out_shardings=shardings["base"])(params)
+    if part_config is not config:  # the actor-critic's one half
+        params, config = params[part], part_config
     tok_dir = os.path.join(path, TOKENIZER_DIR)
     tokenizer = load_tokenizer(tok_dir) if os.path.isdir(tok_dir) else None
     return Loaded(registry.build(config), params, config, tokenizer, source=path)

@@ -12,7 +12,6 @@ import pytest
 from fmzoo.models.registry import build
 from fmzoo.train.dpo_losses import dpo_loss, dpo_step_loss, sequence_logps
 from fmzoo.train.mesh import make_mesh, put_batch
-from fmzoo.train.optim import make_optimizer
 from fmzoo.train.state import init_train_state, sharded_init
 from fmzoo.train.step import (bind_frozen, make_eval_step, make_pmap_step, make_train_step,
                               replicate, shard_batch)

@@ -68,7 +68,10 @@ def test_rollout_logps_equal_the_training_forward_and_shapes_stay_fixed(lm, monk
         assert r.has_eos[b] == (c[-1] in (1, 2)) and (r.has_eos[b] or len(c) == 7)
         assert r.completions[b] == tok.decode(c)
     lengths = [len(c) for c in r.completion_ids]
-    assert r.metrics() == {"completion_length": np.mean(lengths),
+    m = r.metrics()
+    assert m.pop("timing/rollout_s") > 0
+    assert m.pop("rollout_tokens_per_s") == pytest.approx(sum(lengths) / r.seconds)
+    assert m == {"completion_length": np.mean(lengths),
                            "completions/mean_length": np.mean(lengths),
                            "completions/min_length": min(lengths),
                            "completions/max_length": max(lengths),

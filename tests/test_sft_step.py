@@ -3,7 +3,6 @@ microbatches, completion-only labels, and LoRA (only adapters change, optimiser 
 for them, mesh == single device == pmap)."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest

@@ -24,7 +24,11 @@ _LAZY = {
     "dpo_loss": "dpo_losses", "prepare_dpo": "dpo", "DPOSettings": "dpo",
     "bt_loss": "reward", "reward_loss": "reward", "prepare_reward": "reward",
     "RewardSettings": "reward",
+    "prepare_ppo": "ppo", "PPOSettings": "ppo",
     "lm_batches": "data", "seq2seq_batches": "data", "dataset_kind": "data",
+    "LMJudge": "judges", "RewardModelJudge": "judges", "FunctionJudge": "judges",
+    "PairwiseJudge": "judges", "load_judge": "judges", "JudgeError": "judges",
+    "label_pairs": "label", "LabelError": "label",
 }
 
 

@@ -217,3 +217,6 @@ def load_rewards(spec: str | Sequence[RewardFn], *, missing_eos_penalty: float |
         raise RewardError(f"--reward names the same reward twice ({', '.join(names)}); give "
                           "each once with its weight")
     return Rewards(funcs, weights, names, missing_eos_penalty)
+
+
+from . import reward_sources  # noqa: E402,F401  (registers the reward-model and judge sources)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import numbers
+import time
 from typing import Any, Sequence
 
 import jax
@@ -57,6 +58,7 @@ class Rollout:
     completions: list[str]
     group_size: int
     temperature: float  # the log-probs' temperature (1.0 for a greedy rollout)
+    seconds: float = 0.0  # wall time of the sampling (the first call includes compiling)
 
     @property
     def completion_lengths(self) -> np.ndarray:
@@ -69,7 +71,10 @@ class Rollout:
     def metrics(self) -> dict[str, float]:
         """Completion statistics with TRL's names (GRPO's completion_length too)."""
         lengths = self.completion_lengths
-        return {"completion_length": float(lengths.mean()),
+        speed = {"timing/rollout_s": self.seconds,
+                 "rollout_tokens_per_s": float(lengths.sum()) / self.seconds} \
+            if self.seconds > 0 else {}
+        return {**speed, "completion_length": float(lengths.mean()),
                 "completions/mean_length": float(lengths.mean()),
                 "completions/min_length": float(lengths.min()),
                 "completions/max_length": float(lengths.max()),
@@ -131,6 +136,7 @@ def rollout(model, params, tokenizer, prompts_ids: Sequence[Sequence[int]], *,
     models.chat.end_of_turn_ids). rng: a PRNG key or an int seed. `tokenizer` decodes the
     completions' text (special tokens skipped) for the reward functions; None leaves the
     texts empty."""
+    start = time.perf_counter()
     seqs = _check(model, prompts_ids, group_size, max_new_tokens, max_length)
     config = model.config
     eos = _valid_eos_ids(eos_ids, config.vocab_size)
@@ -162,8 +168,9 @@ def rollout(model, params, tokenizer, prompts_ids: Sequence[Sequence[int]], *,
                                jnp.int32(max_new_tokens))
     out_BN, logp_BN = np.asarray(out_BN), np.asarray(state.logp_BN)
     del state
-    return _pack(rows, out_BN, logp_BN, eos, max_new_tokens, max_length, group_size,
-                 float(temperature) if do_sample else 1.0, tokenizer)
+    out = _pack(rows, out_BN, logp_BN, eos, max_new_tokens, max_length, group_size,
+                float(temperature) if do_sample else 1.0, tokenizer)
+    return dataclasses.replace(out, seconds=time.perf_counter() - start)
 
 
 def _pack(rows, out_BN, logp_BN, eos, max_new, T, group_size, temperature, tokenizer

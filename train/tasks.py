@@ -8,13 +8,27 @@ Tasks (names `tasks/<task>`; `tasks/mix` interleaves all of them):
 - count:   "How many times does the letter 'l' appear in 'hello'?" -> "2"
 Words are random lowercase letters of min_word..max_word letters.
 
+`tasks/judge` (not part of the mix) teaches a language model to JUDGE: its prompt is exactly
+train/judges.DEFAULT_TEMPLATE filled with a prompt of a base task and two responses, that
+task's right answer and a wrong one, in a random order; the answer is "1" or "2", the
+position of the right one. The wrong ones come in three kinds, a third each, from easy to
+hard to tell apart: random characters of the answer's length and kind, one character
+substituted (what a small policy's samples mostly get wrong), and train/pref_tasks'
+near miss (a neighbour swap, one off). Every one is confirmed wrong by the checker; order
+and kind are seeded by the knob `seed` and the prompt. `fmzoo sft --data tasks/judge`
+renders the prompt through the chat template with the generation prompt, exactly what an
+LMJudge shows its model, so the finetuned model is a judge (`fmzoo label --judge SFT_DIR`).
+One judge example per base example: splits stay disjoint, counts are per base task.
+
 Knobs (builder options, e.g. `--data-opt digits=3`): digits (2), min_word (3), max_word (5),
 lsd_first (False: when True arithmetic answers are written least-significant digit first,
 "95" -> "59", which a small model learns far more easily; the prompt says so), num_train
-(5000), num_validation (200), num_test (500), seed (0). Counts are per task (the mix holds
-each task's examples). Splits share no prompt: distinct prompts are drawn in one stream and
-dealt to test, then validation, then train; when a small space (e.g. digits=1) runs out,
-train gets fewer examples. num_validation=0 / num_test=0 prepare no such split.
+(5000), num_validation (200), num_test (500), seed (0), base ("mix": the base tasks of
+tasks/judge, e.g. base=reverse or base=add,sub; other tasks refuse a base). Counts are per
+task (the mix holds each task's examples). Splits share no prompt: distinct prompts are
+drawn in one stream and dealt to test, then validation, then train; when a small space
+(e.g. digits=1) runs out, train gets fewer examples. num_validation=0 / num_test=0 prepare
+no such split.
 
 A checker `check(prompt_or_example, completion) -> 1.0 | 0.0` recomputes the answer from the
 prompt (or takes the example's "answer") and compares it with the completion after removing
@@ -32,8 +46,9 @@ import numpy as np
 TASK_NAMES = ("add", "sub", "reverse", "sort", "count")
 PREFIX = "tasks/"
 MIX = "mix"
+JUDGE = "judge"
 DEFAULTS = {"digits": 2, "min_word": 3, "max_word": 5, "lsd_first": False, "num_train": 5000,
-            "num_validation": 200, "num_test": 500, "seed": 0}
+            "num_validation": 200, "num_test": 500, "seed": 0, "base": MIX}
 SPLITS = ("train", "validation", "test")
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 # Trailing markers a decoded completion may still carry (bytes, Llama 3, ChatML, sentencepiece).
@@ -55,9 +70,9 @@ def task_names(name: str) -> tuple[str, ...]:
     short = name[len(PREFIX):] if name.startswith(PREFIX) else name
     if short == MIX:
         return TASK_NAMES
-    if short not in TASK_NAMES:
+    if short not in (*TASK_NAMES, JUDGE):
         raise ValueError(f"unknown task {name!r}; the embedded tasks are "
-                         f"{', '.join(PREFIX + t for t in (*TASK_NAMES, MIX))}")
+                         f"{', '.join(PREFIX + t for t in (*TASK_NAMES, MIX, JUDGE))}")
     return (short,)
 
 
@@ -66,7 +81,7 @@ def is_task_name(name: str) -> bool:
 
 
 def embedded_names() -> tuple[str, ...]:
-    return tuple(PREFIX + t for t in (MIX, *TASK_NAMES))
+    return tuple(PREFIX + t for t in (MIX, *TASK_NAMES, JUDGE))
 
 
 def check_knobs(knobs: dict) -> dict:
@@ -78,6 +93,9 @@ def check_knobs(knobs: dict) -> dict:
     k = dict(DEFAULTS)
     for key, value in knobs.items():
         default = DEFAULTS[key]
+        if key == "base":
+            k[key] = _check_base(value)
+            continue
         try:
             if isinstance(default, bool):
                 if isinstance(value, str) and value.lower() not in ("true", "false", "1", "0"):
@@ -104,11 +122,27 @@ def check_knobs(knobs: dict) -> dict:
     return k
 
 
+def _check_base(value: Any) -> str:
+    """The base tasks of tasks/judge as one canonical string: 'mix' or 'add,reverse'."""
+    names = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    names = [str(n).strip().removeprefix(PREFIX) for n in names]
+    if names == [MIX]:
+        return MIX
+    bad = [n for n in names if n not in TASK_NAMES]
+    if bad or not names:
+        raise ValueError(f"task option base={value!r}: the base tasks of tasks/judge are "
+                         f"'mix' or a comma-separated list of {', '.join(TASK_NAMES)} "
+                         "(e.g. base=reverse or base=add,sub)")
+    chosen = [t for t in TASK_NAMES if t in names]
+    return MIX if len(chosen) == len(TASK_NAMES) else ",".join(chosen)
+
+
 def config_name(name: str, knobs: dict) -> str:
     """A directory-safe name for one task set and its knobs (defaults -> the bare task)."""
     k = check_knobs(knobs)
     short = name[len(PREFIX):] if name.startswith(PREFIX) else name
-    diff = [f"{key}{int(v)}" for key, v in k.items() if v != DEFAULTS[key]]
+    diff = [f"{key}{v.replace(',', '-') if isinstance(v, str) else int(v)}"
+            for key, v in k.items() if v != DEFAULTS[key]]
     return "_".join([short, *diff])
 
 
@@ -158,6 +192,8 @@ def solve(task: str, prompt: str) -> str:
         return "".join(sorted(m.group(1)))
     elif task == "count" and (m := _COUNT_RE.match(prompt)):
         return str(m.group(2).count(m.group(1)))
+    elif task == JUDGE and (m := _judge_re().match(prompt)):
+        return _judge_answer(m.group("prompt"), m.group("first"), m.group("second"))
     raise ValueError(f"{prompt!r} is not a prompt of task {task!r}")
 
 
@@ -185,6 +221,8 @@ def task_examples(task: str, split: str, **knobs) -> list[dict[str, str]]:
     if split not in SPLITS:
         raise ValueError(f"task split {split!r} is not one of {SPLITS}")
     k = check_knobs(knobs)
+    if task == JUDGE:
+        return judge_examples(split, **k)
     want = {"test": k["num_test"], "validation": k["num_validation"], "train": k["num_train"]}
     prompts = _distinct_prompts(task, tuple(sorted(k.items())))
     start = 0
@@ -202,11 +240,106 @@ def task_examples(task: str, split: str, **knobs) -> list[dict[str, str]]:
 
 def examples(name: str, split: str, **knobs) -> list[dict[str, str]]:
     """The examples of `tasks/<task>` or `tasks/mix` (tasks interleaved round-robin)."""
-    per_task = [task_examples(t, split, **knobs) for t in task_names(name)]
+    if check_knobs(knobs)["base"] != MIX and task_names(name) != (JUDGE,):
+        raise ValueError(f"task option base={knobs['base']!r} applies to {PREFIX}{JUDGE} only, "
+                         f"not to {name!r}; leave it out")
+    return _interleave([task_examples(t, split, **knobs) for t in task_names(name)])
+
+
+def _interleave(per_task: list[list[dict]]) -> list[dict]:
     out = []
     for i in range(max(len(p) for p in per_task)):
         out += [p[i] for p in per_task if i < len(p)]
     return out
+
+
+# ----------------------------------------------------------------------------- judge
+
+
+@functools.lru_cache(maxsize=4)
+def _judge_re_for(template: str) -> re.Pattern:
+    fields = {"{prompt}": "(?P<prompt>.*?)", "{first}": "(?P<first>.*?)",
+              "{second}": "(?P<second>.*?)"}
+    parts = re.split(r"(\{prompt\}|\{first\}|\{second\})", template.strip())
+    return re.compile("^" + "".join(fields.get(x, re.escape(x)) for x in parts) + "$",
+                      re.DOTALL)
+
+
+def _judge_re() -> re.Pattern:
+    from .judges import DEFAULT_TEMPLATE  # the judge's own template: the two stay in step
+    return _judge_re_for(DEFAULT_TEMPLATE)
+
+
+def parse_judge_prompt(prompt: str) -> dict[str, str]:
+    """{'prompt', 'first', 'second'}: the fields a tasks/judge prompt was filled with."""
+    m = _judge_re().match(prompt.strip())
+    if not m:
+        raise ValueError(f"{prompt!r} is not a prompt of task 'judge' (train/judges."
+                         "DEFAULT_TEMPLATE filled with a prompt and two responses)")
+    return m.groupdict()
+
+
+def _judge_answer(prompt: str, first: str, second: str) -> str:
+    """'1' or '2': the position of the one right response (the base task's checker)."""
+    for task in TASK_NAMES:
+        try:
+            answer = solve(task, prompt)
+        except ValueError:
+            continue
+        right = [clean_completion(r) == answer for r in (first, second)]
+        if right.count(True) != 1:
+            raise ValueError(f"a judge prompt needs exactly one right response, but "
+                             f"{'both' if all(right) else 'neither'} of {first!r}, "
+                             f"{second!r} answer {prompt!r}")
+        return "1" if right[0] else "2"
+    raise ValueError(f"{prompt!r} inside the judge prompt is not a prompt of "
+                     f"{', '.join(TASK_NAMES)}")
+
+
+def judge_examples(split: str, **knobs) -> list[dict[str, str]]:
+    """The examples of tasks/judge (see the module notes): one per example of the base tasks
+    of `split`, interleaved round-robin as the mix is."""
+    import hashlib
+
+    from .judges import DEFAULT_TEMPLATE
+    from .pref_tasks import wrong_answer
+    k = check_knobs(knobs)
+    base = {**k, "base": MIX}
+    names = TASK_NAMES if k["base"] == MIX else tuple(k["base"].split(","))
+    out = []
+    for e in _interleave([task_examples(t, split, **base) for t in names]):
+        # order and kind hang on the prompt, not its position: a pair is the same in any subset
+        digest = hashlib.sha256(f"judge\0{k['seed']}\0{e['prompt']}".encode()).digest()
+        kind = digest[1] % 3
+        if kind == 2:
+            wrong = wrong_answer(e, k["seed"])
+        else:
+            wrong = _judge_wrong(e, kind, np.random.default_rng(list(digest[2:18])))
+        right_first = digest[0] < 128
+        first, second = (e["answer"], wrong) if right_first else (wrong, e["answer"])
+        out.append({"prompt": DEFAULT_TEMPLATE.format(prompt=e["prompt"], first=first,
+                                                      second=second),
+                    "answer": "1" if right_first else "2", "task": JUDGE})
+    return out
+
+
+def _judge_wrong(example: dict, kind: int, rng: np.random.Generator) -> str:
+    """A wrong answer: kind 0 random characters of the answer's length and kind (digits or
+    letters), kind 1 one character substituted; redrawn until the checker calls it wrong."""
+    answer = str(example["answer"])
+    check = checker_for(example["task"])
+    for _ in range(100):
+        chars = [c for c in answer]
+        spots = range(len(chars)) if kind == 0 else [int(rng.integers(len(chars)))]
+        for j in spots:
+            pool = "0123456789" if chars[j].isdigit() else ALPHABET
+            if j == 0 and len(chars) > 1 and chars[j].isdigit():
+                pool = pool[1:]  # no leading zero: still a plausible number
+            chars[j] = pool[int(rng.integers(len(pool)))]
+        wrong = "".join(chars)
+        if not check(example, wrong):
+            return wrong
+    raise AssertionError(f"no wrong answer found for {example!r}")
 
 
 # ----------------------------------------------------------------------------- checking

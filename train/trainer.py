@@ -16,12 +16,15 @@ A command may hand the Trainer FROZEN weights (DPO's reference model): `frozen=p
 tree like the model's params) or, with LoRA, `frozen=FROZEN_BASE` (the frozen base itself).
 The task's losses are then `(params, batch, rng, frozen)`; the frozen weights are laid out
 like the params, given to every compiled step and evaluation, never trained, never saved.
+
+Online RL brings an on-policy batch source (train/onpolicy.py): the Trainer hands it the
+current policy, and the frozen weights go to its rollouts instead of the step
+(`Task.frozen_in_step=False`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import itertools
 import math
 import os
@@ -33,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import checkpoint as ckpt_lib
-from .config import Settings, check_resume, config_error
+from .config import Settings, config_error
 from .divergence import divergence_message
 from .losses import LossFn
 from .mesh import check_batch_size, make_mesh, put_batch
@@ -67,6 +70,9 @@ class Task:
     # params after the held-out loss
     generate_eval: Callable[[Any], tuple[dict, str | None]] | None = None
     no_eval_reason: str = "no held-out split"
+    # the frozen weights go to the step (DPO) or only to an on-policy batch source's
+    # rollouts (PPO / GRPO reference log-probs; train/onpolicy.py)
+    frozen_in_step: bool = True
 
 
 @jax.jit
@@ -137,41 +143,8 @@ class Trainer:
         return mesh
 
     def _open_workdir(self) -> bool:
-        s, workdir = self.settings, self.workdir
-        if os.path.exists(workdir) and not os.path.isdir(workdir):
-            raise ckpt_lib.CheckpointError(f"--workdir {workdir} is a file; pass a directory")
-        ckpt_dir = os.path.join(workdir, ckpt_lib.CKPT_DIR)
-        if s.run.resume:
-            run = ckpt_lib.read_run_file(workdir)
-            if run["config"] != self.config:
-                raise config_error(
-                    f"--resume: the model differs from the one in "
-                    f"{os.path.join(workdir, ckpt_lib.RUN_FILE)} ("
-                    f"{ckpt_lib.config_diff(run['model_config'], self.config.to_dict())}); "
-                    "use the same --model and overrides, or a new workdir")
-            was = run.get("settings", {}).get("optim", {}).get("clip_norm")
-            if was is not None and (was > 0) != (s.optim.clip_norm > 0):
-                raise config_error(  # clipping adds a state to the optimizer
-                    f"--resume --clip-norm {s.optim.clip_norm:g}: the checkpoint's optimizer "
-                    f"{'clips' if was > 0 else 'does not clip'} (--clip-norm {was:g}); "
-                    "keep clipping on or off as the run started")
-            now = self.lora.to_dict() if self.lora is not None else None
-            if run.get("lora") != now:
-                raise config_error(  # the adapters are part of the saved state
-                    f"--resume: the checkpoint was trained with LoRA {run.get('lora')} but "
-                    f"this run asks for {now}; resume with the same --lora-* options")
-        elif ckpt_lib.has_checkpoints(workdir):
-            raise ckpt_lib.CheckpointError(
-                f"{workdir} already holds checkpoints; pass --resume to continue that run, "
-                "or choose a new --workdir")
-        # Read-only here: the Checkpointer (which tidies the directory) opens under the lock.
-        steps = ckpt_lib.committed_steps(ckpt_dir)
-        if s.run.resume and not steps:
-            raise ckpt_lib.CheckpointError(
-                f"--resume: no checkpoint in {ckpt_dir}; start without --resume")
-        if s.run.resume:
-            check_resume(s, steps[-1])
-        return s.run.resume
+        from .run_record import check_workdir
+        return check_workdir(self.settings, self.config, self.lora, self.workdir)
 
     def _checkpointer(self) -> ckpt_lib.Checkpointer:
         c = self.settings.checkpoint
@@ -209,7 +182,7 @@ class Trainer:
         if self.summary["start_step"] == 0 and getattr(s.eval, "at_start", False):
             self._evaluate_state(0, state)  # the base model
         for step in range(self.summary["start_step"] + 1, s.run.steps + 1):
-            state, metrics = self.step_fn(state, self.feed(next(self.task.batches)))
+            state, metrics = self.step_fn(state, self.feed(self._next_batch(state)))
             if step == self.summary["start_step"] + 1:  # compile time is not throughput
                 jax.block_until_ready(metrics)
                 self.clock = time.perf_counter()
@@ -228,6 +201,22 @@ class Trainer:
                 break
 
     # ------------------------------------------------------------------ pieces
+
+    def _next_batch(self, state) -> dict:
+        batches = self.task.batches
+        if not hasattr(batches, "next_batch"):
+            return next(batches)
+        from .onpolicy import PolicyView  # on-policy: rollouts from the current params
+
+        def policy() -> PolicyView:
+            params = self.host(state).params
+            return PolicyView(self.model_params(params), self._reference(params), self.mesh)
+        return batches.next_batch(policy)
+
+    def _reference(self, params):
+        """The frozen weights as laid out for the model (None without)."""
+        return None if self.frozen is None else \
+            params["base"] if isinstance(self.frozen, str) else self._frozen
 
     def _start(self, start: int | None):
         """The state to train from (fresh, from given weights, or the latest checkpoint),
@@ -287,26 +276,8 @@ class Trainer:
         return state
 
     def _record_run(self, start: int) -> None:
-        """DIR/fmzoo_run.json: model config, settings, starting weights, and one entry per
-        invocation (a resumed run appends the settings it ran with)."""
-        if jax.process_index() != 0:
-            return
-        path = os.path.join(self.workdir, ckpt_lib.RUN_FILE)
-        history = []
-        if start and os.path.exists(path):
-            history = list(ckpt_lib.read_run_file(self.workdir).get("history", []))
-        stored = self.settings.stored()
-        history.append({"start_step": start, "settings": stored,
-                        "time": datetime.datetime.now(datetime.timezone.utc).isoformat()})
-        record = {"format": ckpt_lib.RUN_FORMAT, "model_config": self.config.to_dict(),
-                  "settings": stored, "history": history}
-        if self.lora is not None:  # load_workdir merges the adapters into the base by it
-            record["lora"] = self.lora.to_dict()
-        if start:
-            record["init"] = ckpt_lib.read_run_file(self.workdir).get("init", {})
-        else:
-            record["init"] = self.init_info
-        ckpt_lib.write_json_atomic(path, record)
+        from .run_record import record_run
+        record_run(self.workdir, self.config, self.settings, self.lora, self.init_info, start)
 
     def _compile(self, state, shardings):
         s = self.settings
@@ -320,16 +291,17 @@ class Trainer:
             spec = self.lora
             self._merge = jax.jit(lambda p: lora_lib.merge(p["base"], p["lora"], spec),
                                   out_shardings=model_shardings)
-        tree = self.frozen is not None and not isinstance(self.frozen, str)  # a step input
+        tree = self.frozen is not None and not isinstance(self.frozen, str)
         if tree:  # placed once, like the params; the host copy is released
             from fmzoo.models import registry
             dtypes = jax.tree.map(lambda x: x.dtype, registry.param_shapes(self.config))
             self._frozen = jax.tree.map(lambda x, sh, d: _place(np.asarray(
                 jax.device_get(x)).astype(d), sh), self.frozen, model_shardings, dtypes)
             self.frozen = self._frozen
+        in_step = self.frozen is not None and self.task.frozen_in_step
+        tree = tree and in_step  # a step input
         self.eval_step = make_eval_step(eval_loss, self.mesh, model_shardings,
-                                        frozen_shardings=model_shardings if self.frozen
-                                        is not None else None)
+                                        frozen_shardings=model_shardings if in_step else None)
         if s.mesh.pmap:
             n_dev = jax.local_device_count()
             step = make_pmap_step(loss_fn, self.tx, accum_steps=s.optim.accum, frozen=tree)
@@ -349,12 +321,12 @@ class Trainer:
         flows into it) merged with the adapters inside the step."""
         if self.lora is None:
             return loss_fn
-        return lora_loss(loss_fn, self.lora, base_as_frozen=isinstance(self.frozen, str))
+        return lora_loss(loss_fn, self.lora, base_as_frozen=isinstance(self.frozen, str)
+                         and self.task.frozen_in_step)
 
     def _evaluate_state(self, step: int, state) -> None:
         params = self.host(state).params
-        frozen = None if self.frozen is None else \
-            params["base"] if isinstance(self.frozen, str) else self._frozen
+        frozen = self._reference(params) if self.task.frozen_in_step else None
         self.evaluate(step, self.model_params(params), frozen)
 
     def model_params(self, params):
@@ -411,14 +383,15 @@ class Trainer:
         number of processes. `frozen`: the frozen weights, when the Trainer has them."""
         import tqdm
         s, task = self.settings, self.task
-        if task.eval_batches is None:
+        if task.eval_batches is None and task.generate_eval is None:
             tqdm.tqdm.write(f"step {step}: no eval ({task.no_eval_reason})")
             return
         rows = s.data.batch_size // jax.process_count()
         mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
         sums: dict[str, float] = {}
         tokens, first = 0.0, None
-        for batch in itertools.islice(task.eval_batches(), s.eval.batches):
+        for batch in itertools.islice(task.eval_batches() if task.eval_batches else (),
+                                      s.eval.batches):
             first = batch if first is None else first
             part = put_batch({k: v[mine] for k, v in batch.items()}, self.mesh)
             out = self.eval_step(params, part, *(() if frozen is None else (frozen,)))
@@ -439,10 +412,11 @@ class Trainer:
         sample = task.sample(params, first) if task.sample and first is not None else None
         sample = "\n".join(x for x in (sample, shown) if x) or None
         if jax.process_index() == 0:
-            more = "".join(f", {k[5:]} {v:.4f}" for k, v in out.items()
-                           if k.startswith("eval_") and k != "eval_loss" and "/" not in k)
-            tqdm.tqdm.write(f"step {step}: eval loss {out.get('eval_loss', float('nan')):.4f}"
-                            + more + (f"\n  sample: {sample!r}" if sample else ""))
+            shown_metrics = ", ".join(  # the loss first, when there is one
+                f"{k[5:]} {out[k]:.4f}" for k in sorted(out, key=lambda k: k != "eval_loss")
+                if k.startswith("eval_") and "/" not in k)
+            tqdm.tqdm.write(f"step {step}: eval {shown_metrics}"
+                            + (f"\n  sample: {sample!r}" if sample else ""))
         if sample:
             self.writer.text(step, "sample", sample)
             self.summary["sample"] = sample
