@@ -165,7 +165,7 @@ def test_judge_reward_is_mean_win_probability_and_needs_groups():
     want = [(sig(1) + sig(2)) / 2, (sig(-1) + sig(1)) / 2, (sig(-2) + sig(-1)) / 2,
             (0.5 + sig(-2)) / 2, (0.5 + sig(-2)) / 2, sig(2)]
     np.testing.assert_allclose(got, want, atol=1e-6)
-    with pytest.raises(RewardError, match="needs --group-size >= 2"):
+    with pytest.raises(RewardError, match="needs --num-generations >= 2"):
         fn(["p"], ["a"], group_size=1)
     with pytest.raises(RewardError, match="needs group_size"):
         fn(["p", "p"], ["a", "b"])
@@ -174,7 +174,7 @@ def test_judge_reward_is_mean_win_probability_and_needs_groups():
     # through --reward: the judge source, with the task checker as the judge
     rewards = load_rewards("judge:tasks/add")
     assert rewards(["What is 1+1?"] * 2, ["2", "3"], group_size=2) == [1.0, 0.0]
-    with pytest.raises(RewardError, match="needs --group-size >= 2"):
+    with pytest.raises(RewardError, match="needs --num-generations >= 2"):
         rewards(["What is 1+1?"], ["2"], group_size=1)
 
 

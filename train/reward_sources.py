@@ -11,7 +11,7 @@
 A judge reward compares completions of one prompt, so it needs groups: the rollout code
 passes `group_size=G` in the reward kwargs, with the rows of one prompt adjacent (rows
 g*G .. g*G + G - 1). Without group_size, or with G < 2, it raises RewardError (a judge
-reward needs --group-size >= 2). Every G*(G-1)/2 pair of a group is judged once (the LM
+reward needs fmzoo grpo's --num-generations >= 2). Every G*(G-1)/2 pair of a group is judged once (the LM
 judge already averages both orders, so P(j beats i) = 1 - P(i beats j)).
 
 Both follow TRL's reward-function signature (prompts, completions, **kwargs) -> list[float].
@@ -84,12 +84,12 @@ def judge_reward(judge: Any, name: str = "judge") -> RewardFn:
         if group_size is None:
             raise RewardError(f"reward {name} compares the completions of one prompt, so it "
                               "needs group_size (completions per prompt) in its kwargs; use "
-                              "it with grpo / ppo --group-size >= 2")
+                              "it with fmzoo grpo --num-generations >= 2")
         if int(group_size) < 2:
-            raise RewardError(f"reward {name}: a judge reward needs --group-size >= 2 (it "
+            raise RewardError(f"reward {name}: a judge reward needs --num-generations >= 2 (it "
                               f"scores a completion against the others of its prompt), got "
-                              f"group_size={group_size}; with one completion per prompt (ppo)"
-                              " use a reward-model workdir as --reward instead")
+                              f"group_size={group_size}; with one completion per prompt (fmzoo "
+                              "ppo) use a reward-model workdir as --reward instead")
         G = int(group_size)
         if n % G:
             raise RewardError(f"reward {name}: {n} completions are not whole groups of "

@@ -73,7 +73,7 @@ def _groups(rewards_N: Any, group_size: int) -> jax.Array:
     if not isinstance(group_size, numbers.Integral) or group_size < 2:
         raise ValueError(f"group_size must be an integer >= 2 (GRPO and RLOO compare a "
                          f"prompt's completions with each other), got {group_size!r}; sample "
-                         "several completions per prompt, e.g. --group-size 8")
+                         "several completions per prompt, e.g. --num-generations 8")
     r = jnp.asarray(rewards_N, jnp.float32)
     if r.ndim != 1 or r.shape[0] % group_size:
         raise ValueError(f"rewards must be a flat array whose length is a multiple of "
