@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -48,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--attention-impl", default="auto",
                    choices=["auto", "xla", "cudnn", "reference"],
                    help="the models' attention path ('auto': cuDNN for 16-bit on GPU, else XLA)")
+    p.add_argument("--json", action="store_true",
+                   help="also print one JSON object per preset on stdout")
     p.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
     return p.parse_args(argv)
 
@@ -227,6 +230,11 @@ def main(argv=None) -> int:
         print("error: --device gpu but jax sees no GPU", file=sys.stderr)
         return 2
     rows = [bench_preset(name, args) for name in args.presets]
+    if args.json:  # numpy scalars as Python numbers
+        for row in rows:
+            print(json.dumps({"bench": "decode", **row},
+                             default=lambda x: x.item() if hasattr(x, "item") else str(x)),
+                  flush=True)
     table = format_tables(rows, args)
     cmd = " ".join(["python bench/decode.py", *(sys.argv[1:] if argv is None else argv)])
     load = "load average %.1f at the end (shared machine)" % os.getloadavg()[0]
