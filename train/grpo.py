@@ -247,14 +247,11 @@ def prepare_grpo(settings: GRPOSettings, *, stop_after: int | None = None) -> Tr
     from fmzoo.models import registry
     from fmzoo.models.config import LMConfig
 
-    from . import prompt_data
     from .config import with_recipe
     from .dpo import _check_reference
     from .onpolicy import OnPolicyBatches, check_rollout_steps
     from .pretrain import _tokenizer, starting_point
-    from .rewards import RewardError, load_rewards
     from .rl_losses import check_policy_loss_args
-    from .sft import load_checker
     from .trainer import FROZEN_BASE, Task, Trainer
     settings = with_recipe(settings, GRPO_RECIPE)
     config, params, found_tok, info = starting_point(settings)
@@ -284,10 +281,7 @@ def prepare_grpo(settings: GRPOSettings, *, stop_after: int | None = None) -> Tr
         check_policy_loss_args(s.loss_type, s.epsilon, epsilon_high, s.beta, s.max_new_tokens)
     except ValueError as err:
         raise config_error(str(err)) from None
-    try:
-        rewards = load_rewards(s.reward, missing_eos_penalty=s.missing_eos_penalty or None)
-    except (RewardError, FileNotFoundError) as err:
-        raise config_error(str(err)) from None
+    rewards = section_rewards(s)
     if params is None:  # a preset: policy and reference from the same seeded init
         params = jax.device_get(registry.init(config, jax.random.key(settings.run.seed)))
         info = {**info, "seed": settings.run.seed}
@@ -298,17 +292,8 @@ def prepare_grpo(settings: GRPOSettings, *, stop_after: int | None = None) -> Tr
     if lora is not None:
         from fmzoo.models.lora import check_spec
         check_spec(registry.param_shapes(config), lora)
-    checker = load_checker(e.checker) if e.checker else None
-    width = d.max_length - s.max_new_tokens
-    if width + e.max_new_tokens > config.max_len:
-        raise config_error(f"--eval-max-new-tokens {e.max_new_tokens} with prompts of up to "
-                           f"{width} tokens passes the model's max_len={config.max_len}; "
-                           "lower it")
-    prompts = _fitting(prompt_data.load_prompts(d.name, tok, **d.options),
-                       width, d.name)
-    split = prompt_data.eval_split(d.name, **d.options)
-    held_out = [] if split is None or e.examples == 0 else _fitting(prompt_data.load_prompts(
-        d.name, tok, split=split, limit=e.examples, **d.options), width, d.name)
+    prompts, held_out, width, checker = rollout_inputs(settings, config, tok,
+                                                       s.max_new_tokens)
     model = registry.build(config)
     frozen = None if s.beta == 0 else FROZEN_BASE if lora is not None else params
     loss = grpo_loss(model, beta=s.beta, epsilon=s.epsilon, epsilon_high=epsilon_high,
@@ -331,6 +316,37 @@ def prepare_grpo(settings: GRPOSettings, *, stop_after: int | None = None) -> Tr
                     no_eval_reason=f"{d.name} has no held-out prompts")
     return Trainer(settings, config, task, init_params=params, init_info=info, tokenizer=tok,
                    stop_after=stop_after, lora=lora, frozen=frozen)
+
+
+def section_rewards(s: RolloutOptions) -> Any:
+    """The Rewards of a section's --reward and --missing-eos-penalty, every source built
+    now (a typo fails before any work) -> ConfigError with the fix."""
+    from .rewards import RewardError, load_rewards
+    try:
+        return load_rewards(s.reward, missing_eos_penalty=s.missing_eos_penalty or None)
+    except (RewardError, FileNotFoundError) as err:
+        raise config_error(str(err)) from None
+
+
+def rollout_inputs(settings: Settings, config: Any, tok: Any, max_new_tokens: int
+                   ) -> tuple[list, list, int, Any]:
+    """What every online-RL command reads before training: (training prompts, held-out
+    prompts, the decoder's prompt width, the exact-match checker). Prompts longer than the
+    width (--max-length - --max-new-tokens) are left out; none fitting is an error."""
+    from . import prompt_data
+    from .sft import load_checker
+    d, e = settings.data, settings.eval
+    checker = load_checker(e.checker) if e.checker else None
+    width = d.max_length - max_new_tokens
+    if width + e.max_new_tokens > config.max_len:
+        raise config_error(f"--eval-max-new-tokens {e.max_new_tokens} with prompts of up to "
+                           f"{width} tokens passes the model's max_len={config.max_len}; "
+                           "lower it")
+    prompts = _fitting(prompt_data.load_prompts(d.name, tok, **d.options), width, d.name)
+    split = prompt_data.eval_split(d.name, **d.options)
+    held_out = [] if split is None or e.examples == 0 else _fitting(prompt_data.load_prompts(
+        d.name, tok, split=split, limit=e.examples, **d.options), width, d.name)
+    return prompts, held_out, width, checker
 
 
 def _fitting(prompts: list, width: int, name: str) -> list:

@@ -68,7 +68,12 @@ class OnPolicyBatches:
         self._metrics: collections.deque = collections.deque()  # one per step, in order
 
     def _order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.prompts))
+        """The epoch's permutation of the prompts (drawn once per epoch, not per prompt)."""
+        if getattr(self, "_epoch", None) != epoch:
+            self._epoch = epoch
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(
+                len(self.prompts))
+        return self._perm
 
     def _draw(self) -> list:
         n, out = len(self.prompts), []

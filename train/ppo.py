@@ -267,14 +267,11 @@ def prepare_ppo(settings: PPOSettings, *, stop_after: int | None = None) -> Trai
     from fmzoo.models import registry
     from fmzoo.models.config import ActorCriticConfig, ConfigError, LMConfig
 
-    from . import prompt_data
     from .config import with_recipe
     from .dpo import _check_reference
-    from .grpo import _fitting, reward_eval
+    from .grpo import reward_eval, rollout_inputs, section_rewards
     from .onpolicy import OnPolicyBatches, check_rollout_steps
     from .pretrain import _tokenizer, starting_point
-    from .rewards import RewardError, load_rewards
-    from .sft import load_checker
     from .trainer import Task, Trainer
     settings = with_recipe(settings, PPO_RECIPE)
     d, e, s = settings.data, settings.eval, settings.ppo
@@ -298,10 +295,7 @@ def prepare_ppo(settings: PPOSettings, *, stop_after: int | None = None) -> Trai
         raise config_error(f"fmzoo ppo trains decoder-only language models; "
                            f"{settings.model.source!r} is not one (pass an SFT workdir, an LM "
                            "preset or an LM HF directory)")
-    try:
-        rewards = load_rewards(s.reward, missing_eos_penalty=s.missing_eos_penalty or None)
-    except (RewardError, FileNotFoundError) as err:
-        raise config_error(str(err)) from None
+    rewards = section_rewards(s)
     if params is None:  # a preset: policy and reference from the same seeded init
         params = jax.device_get(registry.init(config, jax.random.key(settings.run.seed)))
         info = {**info, "seed": settings.run.seed}
@@ -319,16 +313,8 @@ def prepare_ppo(settings: PPOSettings, *, stop_after: int | None = None) -> Trai
     if settings.run.resume:
         _check_reference(settings, info)
     tok = _tokenizer(settings, config, found_tok)
-    checker = load_checker(e.checker) if e.checker else None
-    width = d.max_length - s.max_new_tokens
-    if width + e.max_new_tokens > config.max_len:
-        raise config_error(f"--eval-max-new-tokens {e.max_new_tokens} with prompts of up to "
-                           f"{width} tokens passes the model's max_len={config.max_len}; "
-                           "lower it")
-    prompts = _fitting(prompt_data.load_prompts(d.name, tok, **d.options), width, d.name)
-    split = prompt_data.eval_split(d.name, **d.options)
-    held_out = [] if split is None or e.examples == 0 else _fitting(prompt_data.load_prompts(
-        d.name, tok, split=split, limit=e.examples, **d.options), width, d.name)
+    prompts, held_out, width, checker = rollout_inputs(settings, config, tok,
+                                                       s.max_new_tokens)
     model = registry.build(pair)
     policy = registry.build(config)
     make = make_ppo_rollout(model, tok, rewards, s, batch_size=d.batch_size,
