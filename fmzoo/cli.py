@@ -14,6 +14,7 @@ import os
 import sys
 
 COMMANDS = {
+    "run": "fmzoo.cli_run",
     "models": "fmzoo.cli_models",
     "forward": "fmzoo.cli_models",
     "generate": "fmzoo.cli_generate",

@@ -91,14 +91,15 @@ def label(model: Any, judge: Any, data: str, out: str, *, max_new_tokens: int = 
           limit: int | None = None, max_length: int | None = None,
           tokenizer: str | None = None, judge_tokenizer: str | None = None,
           batch_size: int = 16, data_options: dict | None = None,
-          progress: bool = True) -> dict:
+          progress: bool = True, split: str = "train") -> dict:
     """Samples two responses per prompt of `data`, judges them, writes `out` (see the module
     notes) and returns the summary {out, prompts, pairs, ties, empty, mean_confidence
     (mean |p - 0.5| of the written pairs), truncated (judging inputs cut to fit)}.
 
     model: a preset / workdir / HF dir (or an fmzoo.load result); judge: a judge spec
     (train/judges.load_judge) or a judge object; data: tasks/NAME or a prompt JSONL
-    (train/prompt_data.load_prompts, train split). Every check runs before sampling."""
+    (train/prompt_data.load_prompts, `split`: train unless told). Every check runs before
+    sampling."""
     import jax
     from tqdm.auto import tqdm
 
@@ -117,7 +118,7 @@ def label(model: Any, judge: Any, data: str, out: str, *, max_new_tokens: int = 
     if not hasattr(judge_obj, "probabilities"):
         raise LabelError(f"--judge must be a judge spec or an object with probabilities(), "
                          f"got {type(judge_obj).__name__}")
-    prompts = prompt_data.load_prompts(data, tok, split="train", limit=limit,
+    prompts = prompt_data.load_prompts(data, tok, split=split, limit=limit,
                                        **(data_options or {}))
     width = T - max_new_tokens
     long = [i for i, p in enumerate(prompts) if len(p["prompt_ids"]) > width]
