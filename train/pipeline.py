@@ -82,12 +82,6 @@ class Plan:
         return {k: list(v) if isinstance(v, tuple) else v
                 for k, v in dataclasses.asdict(self).items()}
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "Plan":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: tuple(v) if isinstance(v, list) else v
-                      for k, v in d.items() if k in names})
-
 
 def stage_dir(workdir: str, stage: str) -> str:
     return os.path.join(workdir, "pairs" if stage == "label" else stage)
