@@ -15,9 +15,22 @@ Random weights (speed does not depend on them). Per preset it measures
     running 512 full forwards of a 124M model on a CPU takes most of an hour). For models
     under 20M parameters the naive loop also runs for real (one buffer per power-of-two
     length bucket).
-On a GPU it adds memory-bandwidth utilisation = (weight bytes + KV-cache bytes of the
-context) x tokens/s / peak bandwidth (--peak-bw, default the H100 SXM's 3.35e12 B/s).
-The table is printed and appended to bench/RESULTS.md with the machine, jax version and date.
+The same run measures this machine's limits and reports against them:
+  - memory bandwidth, STREAM-like: a jitted, donated (in place) `2 * x` over a 256 MiB fp32
+    array (the STREAM "scale" kernel: every byte read once and written once, counted as
+    2 x 256 MiB per call, best of 5; a plain jitted copy would be elided by jax), and numpy's
+    `np.copyto` for reference; decode is (weight bytes + KV-cache bytes of the context) per
+    token / time per token / the larger of the two bandwidths;
+  - matmul peak: the best of 3 runs of bench/train.py's measured_gemm_flops (a 2048^2 fp32
+    matmul in jax); prefill of 512 tokens is (2 N + 4 L d T) x T FLOPs / time to first
+    token / that peak (the forward third of train.py's PaLM convention 6 N + 12 L d T, N the
+    matmul parameters; causal masking not discounted, as in PaLM).
+  Both limits are measured before and after the presets and the larger is used (the cores
+  may be shared: the less disturbed measurement is closer to what the machine does).
+On a GPU it adds memory-bandwidth utilisation against the datasheet: (weight bytes + KV-cache
+bytes of the context) x tokens/s / --peak-bw (default the H100 SXM's 3.35e12 B/s).
+The table is printed and appended to bench/RESULTS.md (unless --no-write) with the machine,
+jax version and date.
 """
 
 from __future__ import annotations
@@ -31,6 +44,9 @@ import statistics
 import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train import cpu_info, flops_per_token, measured_gemm_flops  # noqa: E402
 
 CONTEXTS = (64, 256, 1024)
 
@@ -52,6 +68,10 @@ def parse_args(argv=None):
     p.add_argument("--json", action="store_true",
                    help="also print one JSON object per preset on stdout")
     p.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
+    p.add_argument("--no-write", action="store_true", help="print only; do not append to "
+                   "--results")
+    p.add_argument("--stream-mib", type=int, default=256,
+                   help="array size of the STREAM-like bandwidth measurement")
     return p.parse_args(argv)
 
 
@@ -78,6 +98,59 @@ def timed(fn, repeats=3):
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def machine_limits(stream_mib: int = 256, reps: int = 5) -> dict:
+    """Measured bandwidth (B/s: bytes read + written per second, STREAM's count) and fp32
+    matmul FLOP/s. `bw` is the larger of jax's and numpy's bandwidth: what the machine
+    demonstrably sustains (as bench/train.py takes the larger peak)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    n = stream_mib * 2**20 // 4
+    # donated, so the result reuses the input buffer: a fresh 256 MiB output per call would
+    # time the kernel's page faults, not the memory
+    scale = jax.jit(lambda a: 2.0 * a, donate_argnums=0)
+    x = scale(jnp.ones((n,), jnp.float32)).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        x = scale(x).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    src, dst = np.ones(n, np.float32), np.empty(n, np.float32)
+    np.copyto(dst, src)
+    best_np = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        best_np = min(best_np, time.perf_counter() - t0)
+    moved = 2 * 4 * n
+    out = {"stream_bytes": moved, "bw_jax": moved / best, "bw_numpy": moved / best_np,
+           "gemm_flops": max(measured_gemm_flops() for _ in range(3))}
+    out["bw"] = max(out["bw_jax"], out["bw_numpy"])
+    if jax.default_backend() == "cpu":  # cores x clock x FLOPs/cycle from lscpu, for reference
+        out["lscpu_flops"] = cpu_info()["peak"]
+    return out
+
+
+def best_limits(before: dict, after: dict) -> dict:
+    """The machine's limits measured before and after the presets: the larger of each (the
+    cores are shared, so the less disturbed of the two is closer to what the machine does)."""
+    out = {k: max(before[k], after[k]) for k in before}
+    out.update({f"{k}_before": before[k] for k in ("bw", "gemm_flops")})
+    out.update({f"{k}_after": after[k] for k in ("bw", "gemm_flops")})
+    return out
+
+
+def add_fractions(row: dict, limits: dict) -> dict:
+    """Prefill as a fraction of the matmul peak, decode as one of the memory bandwidth."""
+    flops = row["prefill_tok_s"] * row["prefill_flops_per_token"]
+    row["prefill_peak_frac"] = flops / limits["gemm_flops"]
+    if limits.get("lscpu_flops"):
+        row["prefill_lscpu_frac"] = flops / limits["lscpu_flops"]
+    for c in row["contexts"].values():
+        c["bw_measured"] = c["bytes_per_token"] * 1e3 / c["cached_ms"] / limits["bw"]
+    return row
 
 
 def bench_preset(name, args):
@@ -126,6 +199,8 @@ def bench_preset(name, args):
     for _ in range(3):
         stats.append(generate(model, params, p512, max_new_tokens=1, return_stats=True)[1])
     row["prefill_tok_s"] = 512 * B / statistics.median(s.ttft_s for s in stats[1:])
+    # forward FLOPs per token at T = 512: a third of the training convention 6 N + 12 L d T
+    row["prefill_flops_per_token"] = flops_per_token(config.replace(max_len=512)) / 3
 
     row["contexts"] = {}
     for ctx in CONTEXTS:
@@ -155,6 +230,7 @@ def bench_preset(name, args):
         row["contexts"][ctx] = dict(
             cached_ms=cached_ms, naive_ms=1e3 * statistics.median(naive),
             match=match, steps=steps, slots=slots,
+            bytes_per_token=weight_bytes + kv_ctx,
             bw=(weight_bytes + kv_ctx) * (1e3 / cached_ms) / args.peak_bw)
         log(f"  cached {cached_ms:.2f} ms/token ({tok_s:.0f} tok/s), naive "
             f"{row['contexts'][ctx]['naive_ms']:.1f} ms/token, tokens match: {match}")
@@ -195,18 +271,23 @@ def naive_loop_measured(forward, params, prompt, n_new):
 
 def format_tables(rows, args) -> str:
     gpu = args.device == "gpu"
-    columns = ["preset", "params", "dtype, attention", "batch", "prefill tok/s (512)", "context",
-               "cached ms/token", "naive ms/token", "naive / cached", "tokens agree"]
-    columns += ["bandwidth util"] if gpu else []
+    columns = ["preset", "params", "dtype, attention", "batch", "prefill tok/s (512)",
+               "prefill / matmul peak", "context", "cached ms/token", "naive ms/token",
+               "naive / cached", "tokens agree", "MB read/token", "decode / measured bw"]
+    columns += ["bandwidth util (datasheet)"] if gpu else []
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         for i, (ctx, c) in enumerate(r["contexts"].items()):
             first = [r["preset"], f"{r['params'] / 1e6:.1f}M", f"{r['dtype']}, {r['impl']}",
-                     str(r["batch"]), f"{r['prefill_tok_s']:,.0f}"]
-            cells = (first if i == 0 else [""] * 5) + [
+                     str(r["batch"]), f"{r['prefill_tok_s']:,.0f}",
+                     f"{100 * r['prefill_peak_frac']:.0f}%" + (
+                         f" ({100 * r['prefill_lscpu_frac']:.0f}%)"
+                         if "prefill_lscpu_frac" in r else "")]
+            cells = (first if i == 0 else [""] * len(first)) + [
                 str(ctx), f"{c['cached_ms']:.2f}", f"{c['naive_ms']:.1f}",
                 f"{c['naive_ms'] / c['cached_ms']:.1f}x",
-                f"{'yes' if c['match'] else 'NO'} ({c['steps']})"]
+                f"{'yes' if c['match'] else 'NO'} ({c['steps']})",
+                f"{c['bytes_per_token'] / 1e6:.0f}", f"{100 * c['bw_measured']:.0f}%"]
             cells += [f"{100 * c['bw']:.0f}%"] if gpu else []
             lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"{args.long} new tokens after a 16-token prompt (naive: estimated from "
@@ -226,11 +307,24 @@ def main(argv=None) -> int:
     if args.device == "cpu":
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
-    if args.device == "gpu" and jax.default_backend() != "gpu" and not os.environ.get("FMZOO_BENCH_DRY"):
+    if (args.device == "gpu" and jax.default_backend() != "gpu"
+            and not os.environ.get("FMZOO_BENCH_DRY")):
         print("error: --device gpu but jax sees no GPU", file=sys.stderr)
         return 2
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+
+    def limits_now():
+        log("machine limits (STREAM-like bandwidth, matmul peak)")
+        lim = machine_limits(args.stream_mib)
+        log(f"  bandwidth {lim['bw_jax'] / 1e9:.1f} GB/s (jax), {lim['bw_numpy'] / 1e9:.1f} "
+            f"GB/s (numpy copy); matmul {lim['gemm_flops'] / 1e9:.0f} GFLOP/s")
+        return lim
+    before = limits_now()
     rows = [bench_preset(name, args) for name in args.presets]
+    limits = best_limits(before, limits_now())
+    rows = [add_fractions(row, limits) for row in rows]
     if args.json:  # numpy scalars as Python numbers
+        print(json.dumps({"bench": "machine_limits", "device": machine(), **limits}), flush=True)
         for row in rows:
             print(json.dumps({"bench": "decode", **row},
                              default=lambda x: x.item() if hasattr(x, "item") else str(x)),
@@ -244,8 +338,26 @@ def main(argv=None) -> int:
               f"\nCached decode: fmzoo.infer.generate (prefill + one jitted while_loop, KV cache "
               f"donated), greedy, ms/token over the last {args.new} tokens of each context "
               f"(presets shorter than {max(CONTEXTS)} tokens run with max_len {max(CONTEXTS)}). "
-              f"Naive: full forward over the whole context per token.\n")
+              f"Naive: full forward over the whole context per token.\n"
+              f"\nThis machine's limits, measured in the same run: memory bandwidth "
+              f"{limits['bw'] / 1e9:.1f} GB/s (before the presets "
+              f"{limits['bw_before'] / 1e9:.1f}, after {limits['bw_after'] / 1e9:.1f}: the "
+              f"larger is used), the larger of jax {limits['bw_jax'] / 1e9:.1f} "
+              f"GB/s (jitted, donated 2*x over {args.stream_mib} MiB fp32) and numpy "
+              f"{limits['bw_numpy'] / 1e9:.1f} GB/s (np.copyto), bytes read + written, best of "
+              f"5; matmul peak "
+              f"{limits['gemm_flops'] / 1e9:.0f} GFLOP/s (2048^2 fp32 in jax, best of 3; before "
+              f"{limits['gemm_flops_before'] / 1e9:.0f}, after "
+              f"{limits['gemm_flops_after'] / 1e9:.0f})"
+              + (f"; in brackets the fraction of lscpu's cores x clock x FLOPs/cycle, "
+                 f"{limits['lscpu_flops'] / 1e9:.0f} GFLOP/s" if limits.get("lscpu_flops")
+                 else "")
+              + ". 'decode / measured bw' = MB read per token (weights + KV cache of the "
+              "context) / time per token / that bandwidth; 'prefill / matmul peak' = "
+              "(2 N + 4 L d T) x 512 FLOPs / time to first token / that peak.\n")
     print(header + "\n" + table)
+    if args.no_write:
+        return 0
     fresh = not os.path.exists(args.results) or os.path.getsize(args.results) == 0
     with open(args.results, "a") as f:
         title = "# fmzoo benchmark results\n" if fresh else ""

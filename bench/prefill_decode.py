@@ -9,7 +9,9 @@ version of fmzoo has, so the same script times two checkouts in one session:
 Prefill: wall time of generate(max_new_tokens=1) on a --prompt-token prompt (the prompt read
 plus one token chosen). Decode: (time for 1 + N new tokens - time for 1) / N at each context.
 Medians over --reps runs after a compile run. --override shrinks a preset while keeping, say,
-its vocabulary (the [B, T, V] prefill logits grow with it).
+its vocabulary (the [B, T, V] prefill logits grow with it). --peak-bw B/s (a card's datasheet
+bandwidth) adds, per context, the bytes one decode step reads (weights + the KV cache at that
+context, where the checkout has models.cache.cache_bytes) x tokens/s / peak: "bw".
 """
 
 from __future__ import annotations
@@ -31,6 +33,15 @@ def _value(v: str):
     return v
 
 
+def _kv_bytes(model, batch: int, ctx: int) -> int:
+    """The KV cache's bytes at a context (0 in checkouts without models.cache.cache_bytes)."""
+    try:
+        from fmzoo.models.cache import cache_bytes
+    except ImportError:
+        return 0
+    return cache_bytes(model, batch, ctx)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--presets", nargs="+", default=["gpt-tiny", "llama-3.2-1b"])
@@ -45,6 +56,8 @@ def main(argv=None) -> int:
     ap.add_argument("--label", default="")
     ap.add_argument("--device", choices=["any", "cpu", "gpu"], default="any")
     ap.add_argument("--json", action="store_true", help="also print one JSON line per preset")
+    ap.add_argument("--peak-bw", type=float, default=0.0,
+                    help="memory bandwidth in B/s to report decode against (0 = off)")
     args = ap.parse_args(argv)
 
     import jax
@@ -77,13 +90,23 @@ def main(argv=None) -> int:
                "vocab": config.vocab_size, "dtype": args.dtype, "batch": args.batch,
                "backend": backend, "prefill_tokens": args.prompt,
                "prefill_tok_s": args.batch * args.prompt / prefill_s, "decode_ms": {}}
+        weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
         for ctx in args.contexts:
             p = prompts(max(ctx - args.new, 1))
             one = timed(lambda: run(p, 1), args.reps)
             many = timed(lambda: run(p, 1 + args.new), args.reps)
             row["decode_ms"][ctx] = 1e3 * max(many - one, 0.0) / args.new
+            if args.peak_bw > 0 and many > one:
+                read = weight_bytes + _kv_bytes(model, args.batch, ctx)
+                row.setdefault("bytes_per_step", {})[ctx] = read
+                row.setdefault("bw", {})[ctx] = read / (row["decode_ms"][ctx] / 1e3) / \
+                    args.peak_bw
+        if args.peak_bw > 0:
+            row["peak_bw"] = args.peak_bw
         rows.append(row)
-        decode = ", ".join(f"ctx {c}: {ms:.2f}" for c, ms in row["decode_ms"].items())
+        decode = ", ".join(f"ctx {c}: {ms:.2f}" + (f" ({100 * row['bw'][c]:.0f}% of peak bw)"
+                                                   if c in row.get("bw", {}) else "")
+                           for c, ms in row["decode_ms"].items())
         print(f"[{args.label}] {name} ({row['params'] / 1e6:.1f}M, V={config.vocab_size}): "
               f"prefill {row['prefill_tok_s']:,.0f} tok/s at {args.prompt}; decode ms/token "
               f"{decode}", file=sys.stderr, flush=True)

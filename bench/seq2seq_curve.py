@@ -36,7 +36,6 @@ def reversal_pairs(length: int, split: str, seed: int, num_train: int, num_test:
 def make_runner(preset: str, steps: int, src_len: int, tgt_len: int, mesh):
     """(train_and_eval(train_pairs, test_pairs, seed) -> metrics) with the step compiled once."""
     import jax
-    import jax.numpy as jnp
 
     from fmzoo.models import build, get_config
     from fmzoo.models.recipes import recipe_for

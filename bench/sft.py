@@ -93,7 +93,7 @@ def main(argv=None) -> int:
                      "tokens_per_s": tokens / seconds, "optimizer_state_bytes": opt_bytes(state),
                      "device": jax.devices()[0].device_kind})
     base = rows[0]["ms_per_step"]
-    lines = [f"| case | ms/step | tokens/s | vs pretrain | optimizer state |",
+    lines = ["| case | ms/step | tokens/s | vs pretrain | optimizer state |",
              "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['case']} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | "

@@ -68,21 +68,22 @@ def measured_gemm_flops(n: int = 2048, reps: int = 5) -> float:
 
 
 def time_steps(step, state, batch, warmup: int, steps: int) -> tuple[float, object]:
+    """(mean seconds per step after `warmup` untimed steps, the final state)."""
     import jax
     for _ in range(warmup):
-        state, m = step(state, batch)
-    jax.block_until_ready(m)
+        state, _ = step(state, batch)
+    jax.block_until_ready(state)
     t = time.perf_counter()
     for _ in range(steps):
         state, m = step(state, batch)
-    jax.block_until_ready(m)
+    jax.block_until_ready((state, m))
     return (time.perf_counter() - t) / steps, state
 
 
-def jax_lm_step_time(config, batch_size: int, seq_len: int, warmup=2, steps=10,
-                     packed: bool = True) -> float:
-    """Seconds per AdamW step. packed=False feeds plain causal rows (no segment ids, no
-    positions), the case fused causal kernels take without a materialised mask."""
+def jax_lm_step(config, batch_size: int, seq_len: int, packed: bool = False):
+    """(step, state, batch): fmzoo's compiled AdamW step on one device and a random batch.
+    packed=True adds segment ids + positions (a packed batch, whose mask is materialised);
+    packed=False feeds plain causal rows, as the PyTorch peer does."""
     import jax
     from fmzoo.models.registry import build
     from fmzoo.train import make_loss, make_mesh, make_optimizer, make_train_step, put_batch
@@ -99,12 +100,18 @@ def jax_lm_step_time(config, batch_size: int, seq_len: int, warmup=2, steps=10,
         batch.update(positions=np.broadcast_to(np.arange(seq_len, dtype=np.int32),
                                                (batch_size, seq_len)),
                      segment_ids=np.ones((batch_size, seq_len), np.int32))
-    batch = put_batch(batch, mesh)
+    return step, state, put_batch(batch, mesh)
+
+
+def jax_lm_step_time(config, batch_size: int, seq_len: int, warmup=2, steps=10,
+                     packed: bool = False) -> float:
+    """Seconds per AdamW step (see jax_lm_step)."""
+    step, state, batch = jax_lm_step(config, batch_size, seq_len, packed)
     return time_steps(step, state, batch, warmup, steps)[0]
 
 
-def torch_lm_step_time(config, batch_size: int, seq_len: int, warmup=2, steps=10) -> float:
-    """The same GPT-2 block stack in PyTorch eager, AdamW, fp32."""
+def torch_lm_step(config, batch_size: int, seq_len: int):
+    """One AdamW step of the same GPT-2 block stack in PyTorch eager, fp32 (a callable)."""
     import torch
     import torch.nn as tnn
     import torch.nn.functional as F
@@ -150,6 +157,11 @@ def torch_lm_step_time(config, batch_size: int, seq_len: int, warmup=2, steps=10
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+    return step
+
+
+def torch_lm_step_time(config, batch_size: int, seq_len: int, warmup=2, steps=10) -> float:
+    step = torch_lm_step(config, batch_size, seq_len)
     for _ in range(warmup):
         step()
     t = time.perf_counter()
@@ -183,7 +195,6 @@ def table(header: list[str], rows: list[list]) -> str:
 
 
 def run_cpu(args) -> str:
-    import jax
     import torch
     from fmzoo.models import get_config
     threads = len(os.sched_getaffinity(0))
@@ -215,7 +226,8 @@ def run_cpu(args) -> str:
             f"cores x {info['ghz']:.2f} GHz x {info['flops_per_cycle']} FLOPs/cycle = "
             f"{info['peak'] / 1e9:.0f} and the best measured 2048^2 fp32 matmul in JAX = "
             f"{gemm / 1e9:.0f}. PyTorch {torch.__version__} with {threads} threads. Other jobs "
-            "may share the cores: compare the two rows, not runs on different days.\n\n"
+            "may share the cores: compare the two rows, not runs on different days. Both sides read "
+            "the same plain causal rows (no packing, no segment mask).\n\n"
             f"**{args.preset}** ({fpt / 1e6:.2f} MFLOP/token), batch {B} x {T} tokens, AdamW, "
             f"fp32, {args.steps} timed steps after 2 warm-up:\n\n{lm}\n\n"
             f"**Seq2seq train step** (batch {args.seq2seq_batch}, presets rnn-seq2seq-attn "

@@ -85,7 +85,7 @@ def load(source: str, *, mesh: Any = None, dtype: str | None = None, rng: Any = 
         raise ConfigError(f"rng seeds the random init of a preset, but {source!r} is a "
                           f"{'training workdir' if kind == 'workdir' else 'Hugging Face dir'} "
                           "with stored weights; drop rng")
-    fields = _with_dtype(dtype, overrides)
+    fields = dict(_with_dtype(dtype, overrides))
     if kind == "preset":
         from fmzoo.models import build, get_config, init
         from fmzoo.models.bundle import Loaded
@@ -104,10 +104,22 @@ def load(source: str, *, mesh: Any = None, dtype: str | None = None, rng: Any = 
 
         stored = read_run_file(path)["config"]  # a PPO workdir's fields: its policy's
         _check_fields(type(getattr(stored, "policy", stored)), overrides)
-        return load_workdir(path, mesh=mesh, **fields)
+        # scan_layers changes the params' layout, not the weights: load as stored, convert
+        scan = fields.pop("scan_layers", None)
+        return _scan_layout(load_workdir(path, mesh=mesh, **fields), scan, mesh)
     from fmzoo.models.config import LMConfig
     from fmzoo.models.hf import from_hf
 
     _check_fields(LMConfig, overrides)
-    return from_hf(path, dtype=dtype or "float32", compute_dtype=dtype or "float32", mesh=mesh,
-                   overrides=overrides)
+    overrides = dict(overrides)
+    scan = overrides.pop("scan_layers", None)
+    return _scan_layout(from_hf(path, dtype=dtype or "float32",
+                                compute_dtype=dtype or "float32", mesh=mesh,
+                                overrides=overrides), scan, mesh)
+
+
+def _scan_layout(loaded: Any, scan_layers: bool | None, mesh: Any) -> Any:
+    if scan_layers is None:
+        return loaded
+    from fmzoo.models.scan import with_scan_layers
+    return with_scan_layers(loaded, scan_layers, mesh)

@@ -9,7 +9,9 @@ through `model.prefill(...)` and `model.decode_step(...)`, which always return
   slots, plus each row's length. Row b's tokens occupy slots 0..lengths[b]-1; new tokens
   are written at lengths[b], and a query at position p reads slots 0..p only, so stale
   slots (right padding of a prompt, say) are never read and are overwritten later.
-  Grouped-query models keep only their K kv heads.
+  Grouped-query models keep only their K kv heads. `StackedKVCache` is the same state for a
+  model built with `scan_layers` (models/scan.py): one [B, n_layers, L, K, D] array per
+  k/v, which the layer scan slices along axis 1, so the batch stays the leading axis.
 - `EncDecCache` (the Vaswani encoder-decoder): the decoder's self-attention KVCache, each
   decoder layer's cross-attention keys/values, computed once from the encoder output, and
   the source mask.
@@ -60,6 +62,12 @@ def constrain(cache):
     return jax.tree.map(one, cache, specs, is_leaf=lambda x: x is None)
 
 
+def _check_size(batch: int, slots: int) -> None:
+    if batch < 1 or slots < 1:
+        raise ValueError(f"a cache needs batch >= 1 and max_len >= 1, got batch={batch}, "
+                         f"max_len={slots}")
+
+
 @struct.dataclass
 class KVCache:
     k: tuple  # per layer [B, L, K, D]
@@ -69,9 +77,7 @@ class KVCache:
     @classmethod
     def init(cls, n_layers: int, batch: int, slots: int, kv_heads: int, head_dim: int,
              dtype: Any) -> "KVCache":
-        if batch < 1 or slots < 1:
-            raise ValueError(f"a cache needs batch >= 1 and max_len >= 1, got batch={batch}, "
-                             f"max_len={slots}")
+        _check_size(batch, slots)
         shape = (batch, slots, kv_heads, head_dim)
         return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(n_layers)),
                    v=tuple(jnp.zeros(shape, dtype) for _ in range(n_layers)),
@@ -101,6 +107,35 @@ class KVCache:
     def logical_axes(self) -> "KVCache":
         return _map_axes(self, lambda x: ("batch",) if x.ndim == 1 else
                          ("batch", "cache_len", "kv_heads", "head_dim"))
+
+
+@struct.dataclass
+class StackedKVCache(KVCache):
+    """KVCache of a layer-scanned model: k, v are [B, n_layers, L, K, D] arrays, not tuples."""
+
+    @classmethod
+    def init(cls, n_layers: int, batch: int, slots: int, kv_heads: int, head_dim: int,
+             dtype: Any) -> "StackedKVCache":
+        _check_size(batch, slots)
+        shape = (batch, n_layers, slots, kv_heads, head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   lengths=jnp.zeros((batch,), jnp.int32))
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[2]
+
+    def layer(self, i: int) -> tuple[Array, Array]:
+        return self.k[:, i], self.v[:, i]
+
+    def advance(self, kv_stacked, written_B: Array | int) -> "StackedKVCache":
+        """`kv_stacked`: the (k, v) the layer scan carried out, each [B, n_layers, L, K, D]."""
+        k, v = kv_stacked
+        return self.replace(k=k, v=v, lengths=self.lengths + written_B)
+
+    def logical_axes(self) -> "StackedKVCache":
+        return _map_axes(self, lambda x: ("batch",) if x.ndim == 1 else
+                         ("batch", "layers", "cache_len", "kv_heads", "head_dim"))
 
 
 def overwrite(old: Any, new: Any) -> Any:

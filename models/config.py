@@ -201,6 +201,9 @@ class LMConfig(_Base):
     # 'lm': next-token logits; 'score': a reward model, HF's *ForSequenceClassification with
     # num_labels=1 (a Dense(d_model -> 1) read at each row's last real token, no LM head)
     head: str = "lm"
+    # True: one `nn.scan` over the blocks, params stacked under `layers` with a leading
+    # [n_layers] axis (models/scan.py converts); compiles one block instead of n_layers
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.n_kv_heads == 0:

@@ -319,6 +319,10 @@ def to_hf(params: Any, config: LMConfig, directory: str, tokenizer: Any = None,
     if os.path.exists(os.path.join(directory, INDEX)):
         raise CheckpointError(f"{directory} already holds a sharded checkpoint ({INDEX}); "
                               "export into an empty directory")
+    if config.scan_layers:  # Hugging Face checkpoints keep one entry per layer
+        from .scan import match_layout
+        config = config.replace(scan_layers=False)
+        params = match_layout(params, config)
     arch = architecture_for(config)
     hf_config = arch.config_to_hf(config)
     tensors = _export_tensors(params, config, arch.rules(config))

@@ -161,6 +161,10 @@ def _module_names(kernels) -> str:
 def targeted(params: Any, spec: LoraSpec) -> list[tuple[tuple[str, ...], Any, int]]:
     """(module path, kernel leaf, number of input axes) of every kernel the spec targets, in
     tree order; raises LoraError naming the problem before anything is computed."""
+    if isinstance(params, dict) and "layers" in params:  # models/scan.py's stacked layout
+        raise LoraError("LoRA adapts per-layer kernels, but these params are stacked for "
+                        "scan_layers=True; build the model with scan_layers=False (convert "
+                        "with fmzoo.models.scan.unstack_layers)")
     kernels = _kernels(params)
     if not kernels:
         raise LoraError("the params hold no kernel to adapt (no 2-d or larger leaf named "

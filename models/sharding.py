@@ -32,6 +32,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("hidden", "tensor"),
     ("hidden_in", "fsdp"),
     ("norm", None),
+    ("layers", None),  # the leading axis of scan_layers' stacked params (models/scan.py)
 )
 
 

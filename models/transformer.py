@@ -14,6 +14,9 @@ Decoding (see models/cache.py for the cache types each model owns):
 returns only the logits that predict each row's first new token, taken at its last real
 position (no [B, T, V] logits); `decode_step` feeds one token per row. `__call__` is the
 teacher-forced forward used in training and takes no cache.
+
+With `LMConfig.scan_layers` the decoder's blocks run as one `nn.scan` (params stacked under
+`layers`, cache a StackedKVCache); models/scan.py converts params between the layouts.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ import jax.numpy as jnp
 
 from .attention import (MultiHeadAttention, combine_masks, padding_mask, param_with_axes,
                         segment_mask)
-from .cache import EncDecCache, KVCache, constrain
+from .cache import EncDecCache, KVCache, StackedKVCache, constrain
 from .config import EncDecConfig, LMConfig
+from .scan import scan_blocks
 from .sharding import constrain_activations
 from .layers import MLP, default_positions, dense, embed, embed_scale, norm, sinusoidal_positions
 
@@ -106,12 +110,33 @@ class Block(nn.Module):
         return self.cross_attn.project_kv(memory_BSE)
 
 
+class ScanBlock(Block):
+    """One step of the scanned stack (models/scan.py), same params as Block. The carry is
+    (x_BTE, the whole stacked cache (k, v) [B, N, L, K, D] or None): this layer reads its
+    slice at `layer` and writes it back in place, so the cache stays one loop-carried
+    buffer instead of a scan input plus a freshly written scan output. The output stream
+    is pinned as `run_layers` pins it between layers."""
+
+    def __call__(self, carry, mask=None, positions_BT=None, is_causal=False, layer=None,
+                 cache_index=None, cross_kv=None, cross_mask=None, deterministic=True):
+        x_BTE, kv_all = carry
+        kv = None if kv_all is None else tuple(
+            jax.lax.dynamic_index_in_dim(a, layer, axis=1, keepdims=False) for a in kv_all)
+        x_BTE, kv = super().__call__(x_BTE, mask, positions_BT, is_causal, kv, cache_index,
+                                     cross_kv, cross_mask, deterministic)
+        if kv_all is not None:
+            kv_all = tuple(jax.lax.dynamic_update_index_in_dim(a, n.astype(a.dtype), layer, 1)
+                           for a, n in zip(kv_all, kv))
+        return (constrain_activations(x_BTE), kv_all), None
+
+
 # Block.__call__ argument numbers (self is 0) of the Python values jax.checkpoint must not trace.
 _STATIC_ARGNUMS = (4, 9)  # is_causal, deterministic
 
 
-def block_class(remat: str) -> type[nn.Module]:
-    """Block, or Block under `nn.remat` (same parameter names, so checkpoints still load).
+def block_class(remat: str, base: type[nn.Module] = Block) -> type[nn.Module]:
+    """`base` (Block, or ScanBlock for scan_layers), or it under `nn.remat` (same parameter
+    names, so checkpoints still load).
 
     'full' recomputes everything in the block on the backward pass; 'dots' keeps the outputs
     of the weight matmuls (dots without batch dimensions: projections and the MLP, O(B T E))
@@ -119,11 +144,11 @@ def block_class(remat: str) -> type[nn.Module]:
     batched dots of size O(B H T S) and the largest activations at long lengths.
     """
     if remat == "none":
-        return Block
+        return base
     policies = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
     if remat not in policies:
         raise ValueError(f"remat must be 'none', 'full' or 'dots', got {remat!r}")
-    return nn.remat(Block, static_argnums=_STATIC_ARGNUMS, policy=policies[remat])
+    return nn.remat(base, static_argnums=_STATIC_ARGNUMS, policy=policies[remat])
 
 
 def run_layers(layers, x_BTE, mask, positions_BT, is_causal, cache: KVCache | None,
@@ -178,15 +203,18 @@ class DecoderLM(nn.Module):
         self.embed = embed(c.vocab_size, c.d_model, dt, pdt, "embed")
         if not llama:
             self.pos_embed = embed(c.max_len, c.d_model, dt, pdt, "pos_embed", std=0.01)
-        block = block_class(c.remat)
-        self.layers = [
-            block(c.d_model, c.n_heads, c.n_kv_heads, c.dim_per_head, c.d_ff,
-                  activation="swiglu" if llama else "gelu",
-                  norm_kind="rmsnorm" if llama else "layernorm", norm_eps=c.norm_eps,
-                  use_bias=c.use_bias, pre_ln=True, use_rope=llama, rope_theta=c.rope_theta,
-                  rope_scaling=c.rope_scaling, dropout=c.dropout, dtype=dt, param_dtype=pdt,
-                  impl=c.attention_impl)
-            for _ in range(c.n_layers)]
+        if c.scan_layers:  # one scanned stack named `layers` (models/scan.py)
+            block = scan_blocks(block_class(c.remat, ScanBlock), c.n_layers)
+        else:
+            block = block_class(c.remat)
+        mk_block = lambda: block(  # noqa: E731
+            c.d_model, c.n_heads, c.n_kv_heads, c.dim_per_head, c.d_ff,
+            activation="swiglu" if llama else "gelu",
+            norm_kind="rmsnorm" if llama else "layernorm", norm_eps=c.norm_eps,
+            use_bias=c.use_bias, pre_ln=True, use_rope=llama, rope_theta=c.rope_theta,
+            rope_scaling=c.rope_scaling, dropout=c.dropout, dtype=dt, param_dtype=pdt,
+            impl=c.attention_impl)
+        self.layers = mk_block() if c.scan_layers else [mk_block() for _ in range(c.n_layers)]
         self.final_norm = norm("rmsnorm" if llama else "layernorm", c.norm_eps, dt, pdt, "final_norm")
         if c.head == "score":  # a reward model: no LM head, as in HF's *ForSequenceClassification
             self.score_head = nn.Dense(1, use_bias=False, dtype=dt, param_dtype=pdt,
@@ -198,10 +226,12 @@ class DecoderLM(nn.Module):
 
     def init_cache(self, batch: int, max_len: int, src_len: int = 0,
                    dtype: Any = None) -> KVCache:
-        """An empty cache for `batch` rows of up to `max_len` tokens (compute dtype)."""
+        """An empty cache for `batch` rows of up to `max_len` tokens (compute dtype); a
+        StackedKVCache for a scan_layers model."""
         c = self.config
-        return KVCache.init(c.n_layers, batch, max_len, c.n_kv_heads, c.dim_per_head,
-                            c.compute_dtype if dtype is None else dtype)
+        cls = StackedKVCache if c.scan_layers else KVCache
+        return cls.init(c.n_layers, batch, max_len, c.n_kv_heads, c.dim_per_head,
+                        c.compute_dtype if dtype is None else dtype)
 
     def _trunk(self, tokens_BT, positions_BT, mask, is_causal, cache, deterministic):
         """Final hidden states [B, T, E] and each layer's written (k, v)."""
@@ -209,8 +239,15 @@ class DecoderLM(nn.Module):
         if self.config.flavor != "llama":
             x_BTE = x_BTE + self.pos_embed(positions_BT)
         x_BTE = constrain_activations(self.drop(x_BTE, deterministic=deterministic))
-        x_BTE, kv_layers = run_layers(self.layers, x_BTE, mask, positions_BT, is_causal, cache,
-                                      deterministic=deterministic)
+        if self.config.scan_layers:  # kv_layers: the stacked (k, v), each [B, N, L, K, D]
+            kv = None if cache is None else (cache.k, cache.v)
+            (x_BTE, kv_layers), _ = self.layers(
+                (x_BTE, kv), mask, positions_BT, is_causal,
+                jnp.arange(self.config.n_layers), None if cache is None else cache.lengths,
+                None, None, deterministic)
+        else:
+            x_BTE, kv_layers = run_layers(self.layers, x_BTE, mask, positions_BT, is_causal,
+                                          cache, deterministic=deterministic)
         return self.final_norm(x_BTE), kv_layers
 
     def __call__(self, tokens_BT: Array, positions_BT: Array | None = None,

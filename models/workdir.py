@@ -207,6 +207,12 @@ def apply_overrides(config: Any, dtype: str | None, overrides: dict) -> Any:
     before = shapes(config)
     if shapes(new) != before:
         culprits = [k for k in overrides if shapes(config.replace(**{k: overrides[k]})) != before]
+        if "scan_layers" in culprits:  # a layout change, not another architecture
+            raise ConfigError(
+                "scan_layers changes the stored params' layout (layers_0.. vs one stacked "
+                "`layers`); load without it and convert with fmzoo.models.scan."
+                "with_scan_layers(loaded, True), or pass scan_layers to fmzoo.load, "
+                "which converts")
         raise ConfigError(
             f"override(s) {', '.join(culprits or sorted(overrides))} would change the shapes of "
             "the stored parameters; a workdir can only change fields like dtype, "

@@ -122,3 +122,47 @@ def test_residual_stream_is_pinned_to_the_batch_axes(fsdp_step):
               and ('[{"data", "fsdp"}, {}, {}]' in line or "devices=[8,1,1]" in line)]
     # one constraint after the embedding and after every block (and their transposes)
     assert len(pinned) >= config.n_layers + 1, len(pinned)
+
+
+def _state_per_device(config, tx, spec, batch):
+    """(XLA's per-device bytes of the state, the layout's) for a train step compiled on mesh
+    `spec` from abstract inputs (ShapeDtypeStructs with shardings: nothing is allocated)."""
+    from fmzoo.train.mesh import batch_sharding
+    from fmzoo.train.state import state_shapes, state_shardings
+    from fmzoo.train.step import make_train_step
+    from train_helpers import setup
+    mesh = make_mesh(spec)
+    shapes = state_shapes(config, tx)
+    shardings = state_shardings(config, shapes, mesh, tx)
+    state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                         shapes, shardings)
+    data = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding(mesh, v.ndim))
+            for k, v in batch.items()}
+    step = make_train_step(setup(config)[0], tx, mesh, shardings)
+    m = step.lower(state, data).compile().memory_analysis()
+
+    def per_device(tree):
+        return sum(int(np.prod(s.sharding.shard_shape(s.shape))) * s.dtype.itemsize
+                   for s in jax.tree.leaves(tree))
+    # the donated state comes back in the same buffers: the output aliases all of it
+    assert m.alias_size_in_bytes >= per_device(state), (m.alias_size_in_bytes, spec)
+    return m.argument_size_in_bytes - per_device(data), per_device(state)
+
+
+def test_fsdp_and_fsdp_tensor_divide_the_state_by_8_and_replication_does_not(fsdp_step):
+    from train_helpers import batches, setup
+    config, state, batch, _, compiled = fsdp_step
+    tx = setup(config)[1]
+    total = sum(x.nbytes for x in jax.tree.leaves(state))
+    fsdp8 = compiled.memory_analysis().argument_size_in_bytes - sum(
+        x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(batch))
+    host_batch = batches("gpt", 1)[0]
+    replicated, replicated_layout = _state_per_device(config, tx, "data=8", host_batch)
+    fsdp_tp, fsdp_tp_layout = _state_per_device(config, tx, "fsdp=4,tensor=2", host_batch)
+    # XLA keeps exactly the layout the shardings ask for
+    assert (replicated, fsdp_tp) == (replicated_layout, fsdp_tp_layout)
+    assert replicated == total  # data parallel: every device holds the whole state
+    # 4 x 2 splits the big matrices 8 ways like fsdp=8; norms, biases, counters stay whole
+    for sharded in (fsdp8, fsdp_tp):
+        assert total / 8 <= sharded <= total / 8 * 1.2, (sharded, total)
+        assert replicated / sharded >= 8 / 1.2
