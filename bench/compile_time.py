@@ -45,24 +45,10 @@ def _timed(lower):
 
 def train_step_compile(config, batch: int, seq_len: int):
     import jax
-    import jax.numpy as jnp
-
-    from fmzoo.models.registry import build
-    from fmzoo.train import make_loss, make_mesh, make_optimizer, make_train_step
-    from fmzoo.train.mesh import batch_sharding
-    from fmzoo.train.state import state_shapes, state_shardings
-
-    mesh = make_mesh("data=1", jax.devices()[:1])
-    tx = make_optimizer(1e-4, 1000)
-    shapes = state_shapes(config, tx)
-    shardings = state_shardings(config, shapes, mesh, tx)
-    state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                         shapes, shardings)
-    kinds = {"inputs": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32,
-             "positions": jnp.int32, "segment_ids": jnp.int32}
-    data = {k: jax.ShapeDtypeStruct((batch, seq_len), dt, sharding=batch_sharding(mesh, 2))
-            for k, dt in kinds.items()}
-    step = make_train_step(make_loss(build(config), config), tx, mesh, shardings)
+    from fmzoo.train import make_mesh
+    from memory import abstract_step  # bench/memory.py: the step from shapes and shardings
+    step, state, data = abstract_step(config, make_mesh("data=1", jax.devices()[:1]), batch,
+                                      seq_len, packed=True)
     _, lower_s, compile_s = _timed(lambda: step.lower(state, data))
     return {"lower_s": lower_s, "compile_s": compile_s}
 

@@ -71,8 +71,10 @@ def shard_bytes(shapes, shardings) -> int:
                for s, sh in zip(jax.tree.leaves(shapes), jax.tree.leaves(shardings)))
 
 
-def abstract_step(config, mesh, batch: int, seq_len: int):
-    """(lowered step, abstract state, abstract batch): nothing allocated."""
+def abstract_step(config, mesh, batch: int, seq_len: int, packed: bool = False):
+    """(jitted step, abstract state, abstract batch), nothing allocated: `step.lower(state,
+    batch)` compiles the real AdamW training step from shapes and shardings alone. packed
+    adds positions and segment ids, as a packed batch has."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -87,11 +89,12 @@ def abstract_step(config, mesh, batch: int, seq_len: int):
     state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                          shapes, shardings)
     rows = NamedSharding(mesh, P(BATCH_AXES, None))
-    data = {k: jax.ShapeDtypeStruct((batch, seq_len), dt, sharding=rows)
-            for k, dt in (("inputs", jnp.int32), ("targets", jnp.int32),
-                          ("loss_mask", jnp.float32))}
+    kinds = [("inputs", jnp.int32), ("targets", jnp.int32), ("loss_mask", jnp.float32)]
+    if packed:
+        kinds += [("positions", jnp.int32), ("segment_ids", jnp.int32)]
+    data = {k: jax.ShapeDtypeStruct((batch, seq_len), dt, sharding=rows) for k, dt in kinds}
     step = make_train_step(make_loss(build(config), config), tx, mesh, shardings)
-    return step.lower(state, data), state, data
+    return step, state, data
 
 
 def measure(preset: str, mesh_spec: str, batch: int, seq_len: int) -> dict:
@@ -102,8 +105,8 @@ def measure(preset: str, mesh_spec: str, batch: int, seq_len: int) -> dict:
     config = get_config(preset)
     mesh = make_mesh(mesh_spec)
     t0 = time.perf_counter()
-    lowered, state, data = abstract_step(config, mesh, batch, seq_len)
-    compiled = lowered.compile()
+    step, state, data = abstract_step(config, mesh, batch, seq_len)
+    compiled = step.lower(state, data).compile()
     compile_s = time.perf_counter() - t0
     m = compiled.memory_analysis()
     batch_dev = shard_bytes(data, jax.tree.map(lambda s: s.sharding, data))

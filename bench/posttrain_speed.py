@@ -35,7 +35,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from prefill_decode import _value  # noqa: E402  (KEY=VALUE override parsing, shared)
+from prefill_decode import parse_value  # noqa: E402  (KEY=VALUE override parsing, shared)
 from train import time_steps  # noqa: E402
 
 PARTS = ("sft", "dpo", "grpo", "rollout")
@@ -72,7 +72,7 @@ def parse_args(argv=None):
     if args.generations < 2 and "grpo" in args.parts:
         p.error("--generations must be >= 2: GRPO compares a prompt's completions")
     try:
-        args.override = {k: _value(v) for k, v in (kv.split("=", 1) for kv in args.override)}
+        args.override = {k: parse_value(v) for k, v in (kv.split("=", 1) for kv in args.override)}
     except ValueError:
         p.error(f"--override takes KEY=VALUE pairs (e.g. n_layers=1), got {args.override}")
     return args

@@ -24,7 +24,7 @@ import sys
 from decode import timed  # bench/decode.py, next to this script
 
 
-def _value(v: str):
+def parse_value(v: str):
     for cast in (int, float):
         try:
             return cast(v)
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
         print(f"error: asked for {args.device} but jax runs on {backend}", file=sys.stderr)
         return 2
     overrides = dict(kv.split("=", 1) for kv in args.override)
-    overrides = {k: _value(v) for k, v in overrides.items()}
+    overrides = {k: parse_value(v) for k, v in overrides.items()}
     rows = []
     for name in args.presets:
         need = max(args.prompt, max(args.contexts)) + 1
