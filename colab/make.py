@@ -134,10 +134,25 @@ def _validate(path: pathlib.Path, cells: list[dict]) -> None:
             ast.unparse(body[0]) != "SMALL = False":
         raise NotebookError(f"{path}:{params[0]['line']}: the parameters cell holds plain "
                             "assignments only, the first one 'SMALL = False'")
+    derived = [ast.unparse(s) for s in body if not _is_literal(s.value)]
+    if derived:
+        # a runner (papermill, execute(small=True)) sets SMALL in a cell *after* this one, so a
+        # value computed here from SMALL would silently keep its full-size setting
+        raise NotebookError(f"{path}:{params[0]['line']}: the parameters cell holds literal "
+                            f"values only; move {derived} to the next cell (SMALL = True is "
+                            "injected after this cell, so sizes derived here stay full-size)")
     first_code = next(c for c in cells if c["type"] == "code")
     if first_code is not params[0]:
         raise NotebookError(f"{path}:{params[0]['line']}: the parameters cell must be the first "
                             "code cell (right after the title markdown)")
+
+
+def _is_literal(node: ast.expr) -> bool:
+    try:
+        ast.literal_eval(node)
+    except ValueError:
+        return False
+    return True
 
 
 def _cell_id(source: str, seen: set) -> str:

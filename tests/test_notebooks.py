@@ -97,13 +97,16 @@ def test_make_rejects_malformed_sources(tmp_path):
     assert "exactly one" in error(title + params + params)
     assert "first one 'SMALL = False'" in error(title + '# %% tags=["parameters"]\nN = 3\n')
     assert "plain assignments" in error(title + '# %% tags=["parameters"]\nSMALL = False\nprint(1)\n')
+    derived = error(title + '# %% tags=["parameters"]\nSMALL = False\nN = 2 if SMALL else 8\n')
+    assert "literal values only" in derived and "N = 2 if SMALL else 8" in derived
     assert "'!' or '%'" in error(title + params + "# %%\n!pip install x\n")
     assert "must start with '# '" in error(title + params + "# %% [markdown]\nnot a comment\n")
     assert "unknown cell header" in error(title + "# %% [md]\n# x\n")
     assert "title markdown" in error(params)
     # a good one: the install cell goes first, ids are stable across builds
     src = tmp_path / "99_good.py"
-    src.write_text(title + params + "# %%\nprint(SMALL)\n")
+    src.write_text(title + '# %% tags=["parameters"]\nSMALL = False\nSEEDS = (0, 1)\n\n'
+                   + "# %%\nprint(SMALL)\n")
     nb = make.build_notebook(src)
     assert [c.cell_type for c in nb.cells] == ["markdown", "code", "code", "code"]
     assert nb.cells[1].source == make.install_cell_source()

@@ -12,6 +12,10 @@
 
 # %% tags=["parameters"]
 SMALL = False
+
+# %%
+# Sizes, derived from SMALL here rather than in the parameters cell: a runner (papermill,
+# CI) sets SMALL in a cell of its own after that one.
 LENGTHS = (4, 12) if SMALL else (4, 8, 12, 16)  # source lengths of the accuracy curve
 SEEDS = (0,) if SMALL else (0, 1)
 STEPS = 300 if SMALL else 600  # training steps per run (batch 32)

@@ -12,6 +12,10 @@
 
 # %% tags=["parameters"]
 SMALL = False
+
+# %%
+# Sizes, derived from SMALL here rather than in the parameters cell: a runner (papermill,
+# CI) sets SMALL in a cell of its own after that one.
 PROMPT_LENGTHS = (16, 128) if SMALL else (16, 32, 64, 128, 224)
 DECODE_TOKENS = 8 if SMALL else 24  # tokens timed per decode measurement
 REPS = 2 if SMALL else 5  # timing repetitions (median)

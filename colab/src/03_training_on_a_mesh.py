@@ -19,6 +19,10 @@
 
 # %% tags=["parameters"]
 SMALL = False
+
+# %%
+# Sizes, derived from SMALL here rather than in the parameters cell: a runner (papermill,
+# CI) sets SMALL in a cell of its own after that one.
 STEPS = 4 if SMALL else 12            # steps of the layout comparison
 RUN_STEPS = 8 if SMALL else 60        # steps of the checkpointed run
 D_MODEL = 32 if SMALL else 64

@@ -17,6 +17,10 @@
 
 # %% tags=["parameters"]
 SMALL = False
+
+# %%
+# Sizes, derived from SMALL here rather than in the parameters cell: a runner (papermill,
+# CI) sets SMALL in a cell of its own after that one.
 SFT_STEPS = 200 if SMALL else 300      # optimizer steps of SFT (batch 32)
 EVAL_EVERY = 50 if SMALL else 25       # steps between held-out evaluations
 EVAL_EXAMPLES = 64 if SMALL else 128   # held-out prompts answered greedily

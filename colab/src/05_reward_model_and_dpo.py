@@ -18,6 +18,10 @@
 
 # %% tags=["parameters"]
 SMALL = False
+
+# %%
+# Sizes, derived from SMALL here rather than in the parameters cell: a runner (papermill,
+# CI) sets SMALL in a cell of its own after that one.
 SFT_STEPS = 160 if SMALL else 300    # SFT of the starting model (batch 32)
 RM_STEPS = 20 if SMALL else 150      # reward-model steps (batch 16 pairs)
 DPO_STEPS = 20 if SMALL else 100     # DPO steps (batch 16 pairs)

@@ -18,6 +18,10 @@
 
 # %% tags=["parameters"]
 SMALL = False
+
+# %%
+# Sizes, derived from SMALL here rather than in the parameters cell: a runner (papermill,
+# CI) sets SMALL in a cell of its own after that one.
 SFT_STOP = 150                        # stop SFT (planned for 200 steps) part-way: a policy
                                       # that is right part of the time (see notebook 4)
 GRPO_STEPS = 8 if SMALL else 40       # one rollout of 8 prompts x 8 samples per step

@@ -23,6 +23,10 @@
 
 # %% tags=["parameters"]
 SMALL = False
+
+# %%
+# Sizes, derived from SMALL here rather than in the parameters cell: a runner (papermill,
+# CI) sets SMALL in a cell of its own after that one.
 SFT_STEPS = 60 if SMALL else 120
 HIDDEN = 64 if SMALL else 128
 LAYERS = 2
