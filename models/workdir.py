@@ -334,4 +334,15 @@ def load_workdir(path: str, *, mesh: Any = None, step: int | None = None,
         params, config = params[part], part_config
     tok_dir = os.path.join(path, TOKENIZER_DIR)
     tokenizer = load_tokenizer(tok_dir) if os.path.isdir(tok_dir) else None
-    return Loaded(registry.build(config), params, config, tokenizer, source=path)
+    return Loaded(registry.build(config), params, config, tokenizer, source=path,
+                  generation=_generation(run, path))
+
+
+def _generation(run: dict, path: str) -> Any:
+    """The generation defaults of the weights the run started from (an HF directory's EOS
+    list and sampling settings, recorded by starting_point), or None: the config's own."""
+    from .generation import GenerationDefaults
+    gen = (run.get("init") or {}).get("generation")
+    if gen is None:
+        return None
+    return GenerationDefaults.from_hf({}, gen, where=f"{os.path.join(path, RUN_FILE)} (init)")

@@ -75,6 +75,34 @@ def test_export_round_trips_the_generation_config(hf_dir, tmp_path):
         [11, 12], True, 0.7, 5, 0.9)
 
 
+def test_a_workdir_trained_from_it_keeps_the_generation_config(hf_dir, tmp_path):
+    """HF dir -> training workdir -> load / export: the EOS list and the sampling defaults
+    are those of the weights the run started from, not the config's one id."""
+    from train_helpers import ListBatches, batches
+
+    from fmzoo.cli_export import export
+    from fmzoo.train.config import Settings
+    from fmzoo.train.losses import make_loss
+    from fmzoo.train.pretrain import starting_point
+    from fmzoo.train.trainer import Task, Trainer
+    work = str(tmp_path / "w")
+    settings = Settings.from_dict({
+        "model": {"source": hf_dir}, "optim": {"lr": 1e-3, "warmup": 0},
+        "mesh": {"spec": "data=8"}, "checkpoint": {"save_every": 1},
+        "eval": {"every": 0, "sample_tokens": 0},
+        "run": {"workdir": work, "steps": 1, "progress": False}})
+    config, params, tok, info = starting_point(settings)
+    data = batches("gpt", 1)
+    task = Task(loss_fn=make_loss(fmzoo.build(config), config), batches=ListBatches(data))
+    Trainer(settings, config, task, init_params=params, init_info=info, tokenizer=tok).run()
+    source = fmzoo.load(hf_dir).generation
+    assert fmzoo.load(work).generation == source and source.eos_ids == (11, 12)
+    out = export(work, str(tmp_path / "out"))
+    assert fmzoo.load(out).generation == source
+    with open(os.path.join(out, "generation_config.json")) as f:
+        assert json.load(f)["eos_token_id"] == [11, 12]
+
+
 def _record_stream(monkeypatch):
     import fmzoo.infer
     seen = {}

@@ -185,7 +185,9 @@ def test_continued_pretraining_from_a_workdir(runs, tmp_path):
     train(lm_cfg(work, model__source=str(runs / "full"), model__overrides={}, steps=1,
                  eval__every=0))
     run = json.load(open(work / "fmzoo_run.json"))
-    assert run["init"] == {"kind": "workdir", "source": str(runs / "full"), "step": 6}
+    eos = fmzoo.load(str(runs / "full")).config.eos_id  # a preset's run: its config's one id
+    assert run["init"] == {"kind": "workdir", "source": str(runs / "full"), "step": 6,
+                           "generation": {"do_sample": False, "eos_token_id": eos}}
     first = losses(work)[0][1]
     fresh, trained = losses(runs / "full")[0][1], losses(runs / "full")[-1][1]
     assert first < fresh - 0.3 and abs(first - trained) < 0.2, (first, fresh, trained)

@@ -18,27 +18,7 @@ from fmzoo.train.losses import make_loss
 from fmzoo.train.metrics import read_metrics, truncate_metrics
 from fmzoo.train.pretrain import starting_point
 from fmzoo.train.trainer import Task, Trainer, TrainingDiverged
-from train_helpers import batches, tiny_config, train_on_mesh
-
-
-class ListBatches:
-    """The smallest batch source: a list replayed in order, its position as state."""
-
-    def __init__(self, items):
-        self.items, self.i = items, 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        self.i += 1
-        return self.items[(self.i - 1) % len(self.items)]
-
-    def get_state(self):
-        return {"i": self.i}
-
-    def set_state(self, state):
-        self.i = state["i"]
+from train_helpers import ListBatches, batches, tiny_config, train_on_mesh
 
 
 def settings(workdir, **sections):
@@ -184,7 +164,8 @@ def test_starting_point_from_a_hugging_face_dir(tmp_path):
     to_hf(params, config, str(tmp_path / "hf"))
     s = settings(tmp_path / "w", model=dict(source=str(tmp_path / "hf"), remat="dots"))
     loaded, got, _, info = starting_point(s)
-    assert info == {"kind": "hf", "source": str(tmp_path / "hf")}
+    assert info == {"kind": "hf", "source": str(tmp_path / "hf"),
+                    "generation": {"do_sample": False, "eos_token_id": config.eos_id}}
     assert loaded.remat == "dots" and loaded.d_model == 32 and loaded.param_dtype == "float32"
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(got)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

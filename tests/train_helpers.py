@@ -80,3 +80,23 @@ def train_on_mesh(config, batch_list, spec, devices=None, accum: int = 1):
 def local_numpy(tree):
     """Host copies of (possibly sharded) arrays."""
     return jax.tree.map(lambda a: np.asarray(jax.device_get(a)), tree)
+
+
+class ListBatches:
+    """The smallest batch source: a list replayed in order, its position as state."""
+
+    def __init__(self, items):
+        self.items, self.i = items, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.i += 1
+        return self.items[(self.i - 1) % len(self.items)]
+
+    def get_state(self):
+        return {"i": self.i}
+
+    def set_state(self, state):
+        self.i = state["i"]

@@ -90,7 +90,9 @@ def _check_reference(settings: DPOSettings, info: dict) -> None:
     if not os.path.exists(os.path.join(workdir, ckpt_lib.RUN_FILE)):
         return  # the Trainer reports the missing run
     was = ckpt_lib.read_run_file(workdir).get("init", {})
-    if was != info:
+    # what the start was, not what it carried (runs recorded before "generation" existed)
+    where = lambda d: {k: v for k, v in d.items() if k != "generation"}  # noqa: E731
+    if where(was) != where(info):
         raise config_error(
             f"--resume: the reference model is reloaded from --model, but --model is "
             f"{info.get('source')} ({info}) while the run started from {was.get('source')} "

@@ -40,6 +40,9 @@ def starting_point(settings: Settings) -> tuple[Any, Any, Any, dict]:
                 f"--model {m.source}: the directory is neither a training workdir (no "
                 f"{workdir_lib.RUN_FILE}) nor a Hugging Face directory (no config.json); pass "
                 "a preset name (see `fmzoo models`), a workdir or an HF directory")
+        # the source's EOS id list and sampling defaults travel with the run (fmzoo_run.json),
+        # so loading, chatting with or exporting the new workdir keeps them
+        info["generation"] = loaded.generation.to_hf()
         return loaded.config, loaded.params, loaded.tokenizer, info
     return registry.get_config(m.source, **overrides), None, None, {"kind": "preset",
                                                                     "source": m.source}
