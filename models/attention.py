@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .cache import write_rows
+from .cache import write_layer_rows, write_rows
 
 Array = jax.Array
 INIT = nn.initializers.normal(stddev=0.02)
@@ -185,9 +185,12 @@ class MultiHeadAttention(nn.Module):
       cross-attention:   mha(x, kv=memory)                        -> out
       precomputed k/v:   mha(x, kv_proj=(k_BSKD, v_BSKD))           -> out
       with a KV cache:   mha(x, cache=(k_BLKD, v_BLKD), cache_index=idx) -> (out, (k, v))
+      stacked cache:     mha(x, cache=(k_BNLKD, v_BNLKD), cache_index=idx, cache_layer=i)
+                                                                  -> (out, (k, v) stacked)
     With a cache (one layer's slice of a `KVCache`) the new keys/values are written at
     cache_index[b] and the query attends over every slot; `mask` must then be [B, 1, T, L]
-    over cache slots.
+    over cache slots. With `cache_layer` (a layer-scanned model) the cache holds every
+    layer and this call writes and reads layer `cache_layer` of it.
     """
 
     n_heads: int
@@ -231,7 +234,8 @@ class MultiHeadAttention(nn.Module):
                  positions_BT: Array | None = None, kv_positions_BS: Array | None = None,
                  kv_proj: tuple[Array, Array] | None = None,
                  cache: tuple[Array, Array] | None = None,
-                 cache_index: Array | None = None, is_causal: bool = False):
+                 cache_index: Array | None = None, cache_layer: Array | None = None,
+                 is_causal: bool = False):
         B, T, _ = x_BTE.shape
         q_BTHD = self.query(x_BTE)
         if self.use_rope:
@@ -245,7 +249,13 @@ class MultiHeadAttention(nn.Module):
             pos = positions_BT if kv is None else kv_positions_BS
             k_BSKD, v_BSKD = self.project_kv(src, pos)
         new_cache = None
-        if cache is not None:
+        if cache is not None and cache_layer is not None:
+            new_cache = tuple(write_layer_rows(c, n, cache_layer, cache_index)
+                              for c, n in zip(cache, (k_BSKD, v_BSKD)))
+            k_BSKD, v_BSKD = (jax.lax.dynamic_index_in_dim(c, cache_layer, axis=1,
+                                                           keepdims=False) for c in new_cache)
+            k_BSKD, v_BSKD = k_BSKD.astype(self.dtype), v_BSKD.astype(self.dtype)
+        elif cache is not None:
             k_BSKD = write_rows(cache[0], k_BSKD, cache_index)
             v_BSKD = write_rows(cache[1], v_BSKD, cache_index)
             new_cache = (k_BSKD, v_BSKD)

@@ -154,6 +154,18 @@ def write_rows(cache_BLKD: Array, new_BTKD: Array, index_B: Array) -> Array:
     return jax.vmap(one)(cache_BLKD, new_BTKD, index_B)
 
 
+def write_layer_rows(cache_BNLKD: Array, new_BTKD: Array, layer: Array,
+                     index_B: Array) -> Array:
+    """`write_rows` into one layer of a stacked [B, N, L, K, D] cache, at a traced layer
+    index: only the T new rows are written, so inside the layer scan the stacked buffer is
+    updated in place (slicing the layer out and writing the whole slice back made XLA copy
+    it every layer and step)."""
+    def one(c_NLKD, n_TKD, i):
+        return jax.lax.dynamic_update_slice(c_NLKD, n_TKD[None].astype(c_NLKD.dtype),
+                                            (layer, i, 0, 0))
+    return jax.vmap(one)(cache_BNLKD, new_BTKD, index_B)
+
+
 @struct.dataclass
 class EncDecCache:
     self_attn: KVCache

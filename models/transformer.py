@@ -88,15 +88,18 @@ class Block(nn.Module):
     # Positional (not keyword-only): under `nn.remat` the Python flags is_causal and
     # deterministic must be static, and jax.checkpoint makes only positional args static.
     def __call__(self, x_BTE, mask=None, positions_BT=None, is_causal=False, kv=None,
-                 cache_index=None, cross_kv=None, cross_mask=None, deterministic=True):
+                 cache_index=None, cross_kv=None, cross_mask=None, deterministic=True,
+                 cache_layer=None):
         """(x_BTE, kv): kv is this layer's (keys, values) cache after the write (None
-        without a cache)."""
+        without a cache); with `cache_layer`, kv is every layer's stacked cache and this
+        block writes and reads its layer of it."""
         h = self._in(x_BTE, self.attn_norm)
         if kv is None:
             a = self.attn(h, mask=mask, positions_BT=positions_BT, is_causal=is_causal)
         else:
             a, kv = self.attn(h, mask=mask, positions_BT=positions_BT, cache=kv,
-                              cache_index=cache_index, is_causal=is_causal)
+                              cache_index=cache_index, cache_layer=cache_layer,
+                              is_causal=is_causal)
         x_BTE = self._add(x_BTE, a, self.attn_norm, deterministic)
         if self.cross:
             a = self.cross_attn(self._in(x_BTE, self.cross_norm), kv_proj=cross_kv,
@@ -112,21 +115,17 @@ class Block(nn.Module):
 
 class ScanBlock(Block):
     """One step of the scanned stack (models/scan.py), same params as Block. The carry is
-    (x_BTE, the whole stacked cache (k, v) [B, N, L, K, D] or None): this layer reads its
-    slice at `layer` and writes it back in place, so the cache stays one loop-carried
-    buffer instead of a scan input plus a freshly written scan output. The output stream
-    is pinned as `run_layers` pins it between layers."""
+    (x_BTE, the whole stacked cache (k, v) [B, N, L, K, D] or None): this layer writes its
+    new rows into layer `layer` of it and reads that layer back, so the cache stays one
+    loop-carried buffer updated in place instead of a scan input plus a freshly written
+    scan output. The output stream is pinned as `run_layers` pins it between layers."""
 
     def __call__(self, carry, mask=None, positions_BT=None, is_causal=False, layer=None,
                  cache_index=None, cross_kv=None, cross_mask=None, deterministic=True):
         x_BTE, kv_all = carry
-        kv = None if kv_all is None else tuple(
-            jax.lax.dynamic_index_in_dim(a, layer, axis=1, keepdims=False) for a in kv_all)
-        x_BTE, kv = super().__call__(x_BTE, mask, positions_BT, is_causal, kv, cache_index,
-                                     cross_kv, cross_mask, deterministic)
-        if kv_all is not None:
-            kv_all = tuple(jax.lax.dynamic_update_index_in_dim(a, n.astype(a.dtype), layer, 1)
-                           for a, n in zip(kv_all, kv))
+        x_BTE, kv_all = super().__call__(x_BTE, mask, positions_BT, is_causal, kv_all,
+                                         cache_index, cross_kv, cross_mask, deterministic,
+                                         None if kv_all is None else layer)
         return (constrain_activations(x_BTE), kv_all), None
 
 
