@@ -19,6 +19,9 @@ import statistics
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from device import device_mismatch  # noqa: E402  (bench/device.py, next to this script)
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -80,8 +83,8 @@ def main(argv=None) -> int:
     if args.device == "cpu":
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
-    if args.device == "gpu" and jax.default_backend() != "gpu" and not os.environ.get("FMZOO_BENCH_DRY"):
-        raise SystemExit(f"--device gpu but jax's backend is {jax.default_backend()!r}")
+    if (error := device_mismatch(args.device)):
+        raise SystemExit(error)
     args.dtype = args.dtype or ("bfloat16" if args.device == "gpu" else "float32")
     impls = args.impls or (["cudnn", "xla"] if args.device == "gpu" else ["xla", "reference"])
     rows = [measure(impl, T, args) for T in args.lengths for impl in impls]

@@ -47,6 +47,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train import cpu_info, flops_per_token, measured_gemm_flops  # noqa: E402
+from device import device_mismatch  # noqa: E402
 
 CONTEXTS = (64, 256, 1024)
 
@@ -307,9 +308,8 @@ def main(argv=None) -> int:
     if args.device == "cpu":
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
-    if (args.device == "gpu" and jax.default_backend() != "gpu"
-            and not os.environ.get("FMZOO_BENCH_DRY")):
-        print("error: --device gpu but jax sees no GPU", file=sys.stderr)
+    if (error := device_mismatch(args.device)):
+        print(error, file=sys.stderr)
         return 2
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
 

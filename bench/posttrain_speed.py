@@ -37,6 +37,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from prefill_decode import parse_value  # noqa: E402  (KEY=VALUE override parsing, shared)
 from train import time_steps  # noqa: E402
+from device import device_mismatch  # noqa: E402
 
 PARTS = ("sft", "dpo", "grpo", "rollout")
 
@@ -250,10 +251,8 @@ def main(argv=None) -> int:
     if args.device == "cpu":
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
-    if args.device == "gpu" and jax.default_backend() != "gpu" and \
-            not os.environ.get("FMZOO_BENCH_DRY"):
-        print(f"error: --device gpu but jax's backend is {jax.default_backend()!r}; run on a "
-              "GPU or pass --device any", file=sys.stderr)
+    if (error := device_mismatch(args.device)):
+        print(error, file=sys.stderr)
         return 2
     rows, shared = [], Shared(bench_config(args))
     for part in args.parts:

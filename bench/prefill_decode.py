@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from decode import timed  # bench/decode.py, next to this script
+from device import device_mismatch  # bench/device.py, next to this script
 
 
 def parse_value(v: str):
@@ -67,8 +67,8 @@ def main(argv=None) -> int:
     from fmzoo.models import build, count_params, get_config, init
 
     backend = jax.default_backend()
-    if args.device != "any" and backend != args.device and not os.environ.get("FMZOO_BENCH_DRY"):
-        print(f"error: asked for {args.device} but jax runs on {backend}", file=sys.stderr)
+    if (error := device_mismatch(args.device)):
+        print(error, file=sys.stderr)
         return 2
     overrides = dict(kv.split("=", 1) for kv in args.override)
     overrides = {k: parse_value(v) for k, v in overrides.items()}

@@ -28,6 +28,9 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from device import device_mismatch  # noqa: E402  (bench/device.py, next to this script)
+
 H100_BF16_PEAK = 989e12
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 
@@ -238,8 +241,8 @@ def run_cpu(args) -> str:
 def run_gpu(args) -> str:
     import jax
     from fmzoo.models import get_config
-    if jax.default_backend() != "gpu" and not os.environ.get("FMZOO_BENCH_DRY"):
-        raise SystemExit(f"--device gpu but jax's backend is {jax.default_backend()!r}")
+    if (error := device_mismatch("gpu")):
+        raise SystemExit(error)
     over = dict(dtype=args.dtype, attention_impl=args.attention,
                 max_len=max(args.seq_len, get_config(args.preset).max_len))
     if args.remat != "none":
