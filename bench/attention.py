@@ -1,7 +1,8 @@
-"""Attention kernels side by side: cuDNN's fused kernel vs XLA's, through fmzoo's fast path.
+"""Attention kernels side by side: cuDNN's fused kernel vs XLA's on a GPU; fmzoo's fused CPU
+kernel (models/kernels/cpu_attention.cc) vs XLA's and the reference on the CPU.
 
     python bench/attention.py --device gpu                     # bf16, T = 1024 and 4096
-    python bench/attention.py --lengths 256 512 --dtype float32 # CPU (XLA and the reference)
+    python bench/attention.py --lengths 128 512 --heads 4 --head-dim 32 --tokens 2048  # CPU
 
 Causal self-attention, [B, T, H, D] with H = 12 heads of D = 64 (gpt2-124m's shape) and B
 chosen so that B x T = 16K tokens. FLOP convention (FlashAttention's): forward
@@ -32,7 +33,7 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--impls", nargs="+", default=None,
-                   help="default: cudnn xla on GPU, xla reference on CPU")
+                   help="default: cudnn xla on GPU, cpu xla reference on CPU")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--json", action="store_true", help="one JSON object per measurement")
     return p.parse_args(argv)
@@ -86,17 +87,18 @@ def main(argv=None) -> int:
     if (error := device_mismatch(args.device)):
         raise SystemExit(error)
     args.dtype = args.dtype or ("bfloat16" if args.device == "gpu" else "float32")
-    impls = args.impls or (["cudnn", "xla"] if args.device == "gpu" else ["xla", "reference"])
+    impls = args.impls or (["cudnn", "xla"] if args.device == "gpu" else ["cpu", "xla", "reference"])
     rows = [measure(impl, T, args) for T in args.lengths for impl in impls]
     if args.json:
         for r in rows:
             print(json.dumps(r))
         return 0
-    cell = lambda r, k: (f"{r[k + '_ms']:.2f} ms, {r[k + '_tflops']:.1f}"  # noqa: E731
+    unit, per_t = ("TFLOP/s", 1) if args.device == "gpu" else ("GFLOP/s", 1000)
+    cell = lambda r, k: (f"{r[k + '_ms']:.2f} ms, {r[k + '_tflops'] * per_t:.1f}"  # noqa: E731
                          if k + "_ms" in r else r.get(k + "_error", "-"))
     print(f"Causal self-attention, {args.dtype}, H={args.heads}, D={args.head_dim}, "
           f"B x T = {args.tokens}; jax {jax.__version__} on {rows[0]['device']}\n")
-    print("| T | B | implementation | forward (ms, TFLOP/s) | forward + backward (ms, TFLOP/s) |")
+    print(f"| T | B | implementation | forward (ms, {unit}) | forward + backward (ms, {unit}) |")
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['T']} | {r['B']} | {r['impl']} | {cell(r, 'fwd')} | {cell(r, 'fwd_bwd')} |")

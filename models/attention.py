@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from . import cpu_attention
 from .cache import write_layer_rows, write_rows
 
 Array = jax.Array
@@ -86,27 +87,44 @@ def scaled_dot_product_attention(q_BTHD: Array, k_BSKD: Array, v_BSKD: Array,
 
 
 def choose_impl(impl: str, dtype: Any, head_dim: int) -> str:
-    """'auto' picks cuDNN's fused kernel where it applies (GPU, 16-bit, D <= 128), else XLA."""
+    """'auto' picks cuDNN's fused kernel where it applies (GPU, 16-bit, D <= 128), fmzoo's
+    fused CPU kernel on a one-device CPU run in fp32 when FMZOO_CPU_ATTENTION=1 (and it
+    could be built), else XLA."""
     if impl != "auto":
         return impl
-    on_gpu = jax.default_backend() == "gpu"
-    if on_gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim <= 128:
+    backend = jax.default_backend()
+    if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim <= 128:
         return "cudnn"
+    if (backend == "cpu" and jnp.dtype(dtype) == jnp.float32 and jax.device_count() == 1
+            and cpu_attention.auto_enabled()):
+        # One device only: under a mesh, XLA's partitioner would gather a custom call's
+        # sharded operands onto every device instead of splitting the work.
+        return "cpu"
     return "xla"
 
 
 def dot_product_attention(q_BTHD: Array, k_BSKD: Array, v_BSKD: Array,
                           mask: Array | None = None, *, impl: str = "auto",
                           is_causal: bool = False) -> Array:
-    """Dispatches to the reference or to `jax.nn.dot_product_attention` ('xla' or 'cudnn')."""
+    """Dispatches to the reference, to `jax.nn.dot_product_attention` ('xla' or 'cudnn'), or
+    to the fused CPU kernel ('cpu'; a call it does not take, such as cached decode with
+    fewer queries than keys, goes to XLA)."""
     impl = choose_impl(impl, q_BTHD.dtype, q_BTHD.shape[-1])
     if impl == "reference":
         if is_causal:
             mask = combine_masks(mask, causal_mask(q_BTHD.shape[1], k_BSKD.shape[1]))
         return scaled_dot_product_attention(q_BTHD, k_BSKD, v_BSKD, mask)
+    if impl == "cpu":
+        why = cpu_attention.why_not(q_BTHD, k_BSKD)
+        if why is not None:
+            raise ValueError(f"attention implementation 'cpu' cannot run here: {why}; "
+                             "use 'auto' or 'xla'")
+        if cpu_attention.fits(q_BTHD, k_BSKD, mask, is_causal):
+            return cpu_attention.cpu_attention(q_BTHD, k_BSKD, v_BSKD, mask, is_causal=is_causal)
+        impl = "xla"
     if impl not in ("xla", "cudnn"):
         raise ValueError(f"unknown attention implementation {impl!r}; "
-                         "use 'auto', 'reference', 'xla' or 'cudnn'")
+                         "use 'auto', 'reference', 'xla', 'cudnn' or 'cpu'")
     if mask is not None:
         B, T, H, _ = q_BTHD.shape
         mask = jnp.broadcast_to(mask, (B, H, T, k_BSKD.shape[1]))

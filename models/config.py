@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-ATTENTION_IMPLS = ("auto", "reference", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "reference", "xla", "cudnn", "cpu")
 REMAT_POLICIES = ("none", "full", "dots")  # activation checkpointing per transformer block
 LM_HEADS = ("lm", "score")  # what a decoder LM's last hidden states feed
 
