@@ -87,7 +87,8 @@ def main(argv=None) -> int:
     if (error := device_mismatch(args.device)):
         raise SystemExit(error)
     args.dtype = args.dtype or ("bfloat16" if args.device == "gpu" else "float32")
-    impls = args.impls or (["cudnn", "xla"] if args.device == "gpu" else ["cpu", "xla", "reference"])
+    impls = args.impls or (["cudnn", "xla"] if args.device == "gpu"
+                           else ["cpu", "xla", "reference"])
     rows = [measure(impl, T, args) for T in args.lengths for impl in impls]
     if args.json:
         for r in rows:

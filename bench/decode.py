@@ -65,7 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--peak-bw", type=float, default=3.35e12)
     p.add_argument("--attention-impl", default="auto",
                    choices=["auto", "xla", "cudnn", "cpu", "reference"],
-                   help="the models' attention path ('auto': cuDNN for 16-bit on GPU, else XLA; 'cpu': fmzoo's fused CPU kernel)")
+                   help="the models' attention path ('auto': cuDNN for 16-bit on GPU, else "
+                        "XLA; 'cpu': fmzoo's fused CPU kernel)")
     p.add_argument("--json", action="store_true",
                    help="also print one JSON object per preset on stdout")
     p.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))

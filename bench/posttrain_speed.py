@@ -49,7 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--preset", default="llama-tiny")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="compute dtype (params stay fp32, as in training)")
-    p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "cpu", "reference"])
+    p.add_argument("--attention", default="auto",
+                   choices=["auto", "xla", "cudnn", "cpu", "reference"])
     p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config overrides, e.g. n_layers=1 (a smaller model of the preset)")

@@ -289,7 +289,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     p.add_argument("--preset", default="gpt-tiny")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--attention", default="auto", help="attention_impl: auto, xla, cudnn, cpu (fmzoo's fused CPU kernel)")
+    p.add_argument("--attention", default="auto",
+                   help="attention_impl: auto, xla, cudnn, cpu (fmzoo's fused CPU kernel)")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=None,
                    help="CPU default 16; GPU default: the largest of 64..8 that fits")

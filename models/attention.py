@@ -119,7 +119,7 @@ def dot_product_attention(q_BTHD: Array, k_BSKD: Array, v_BSKD: Array,
         if why is not None:
             raise ValueError(f"attention implementation 'cpu' cannot run here: {why}; "
                              "use 'auto' or 'xla'")
-        if cpu_attention.fits(q_BTHD, k_BSKD, mask, is_causal):
+        if cpu_attention.unfit(q_BTHD, k_BSKD, mask, is_causal) is None:
             return cpu_attention.cpu_attention(q_BTHD, k_BSKD, v_BSKD, mask, is_causal=is_causal)
         impl = "xla"
     if impl not in ("xla", "cudnn"):

@@ -6,11 +6,11 @@ is the largest part of a training step (docs/performance.md). The kernel does ea
 head) pair as one task on XLA's intra-op thread pool with its score rows in cache, and the
 backward recomputes the probabilities from the saved log-sum-exp.
 
-The C++ source (with kernels/simd.h) is compiled with the host compiler on first use (a few seconds, once per
-machine: the result is cached under ~/.cache/fmzoo/kernels keyed by the source, jaxlib and
-CPU) and registered with `jax.ffi`. Select it with attention_impl='cpu', or let 'auto' pick it on
-a one-device CPU run with FMZOO_CPU_ATTENTION=1. Without a compiler, `available()` is False
-and 'cpu' raises a clear error.
+The C++ source (with kernels/simd.h) is compiled with the host compiler on first use (a few
+seconds, once per machine: the result is cached under ~/.cache/fmzoo/kernels keyed by the
+source, jaxlib and CPU) and registered with `jax.ffi`. Select it with attention_impl='cpu',
+or let 'auto' pick it on a one-device CPU run with FMZOO_CPU_ATTENTION=1. Without a
+compiler, `available()` is False and 'cpu' raises a clear error.
 
 Scope: fp32; causal (T == S) or not; a boolean mask shared by the heads (padding, packed
 segments); any number of heads with K | H.
@@ -133,12 +133,16 @@ def why_not(q_BTHD: Array, k_BSKD: Array) -> str | None:
     return _load()
 
 
-def fits(q_BTHD: Array, k_BSKD: Array, mask: Array | None, is_causal: bool) -> bool:
-    """Whether this call is one the kernel takes: T == S if causal, and a mask (if any) the
-    same for every head, [B or 1, 1, T or 1, S] as padding and segment masks are."""
+def unfit(q_BTHD: Array, k_BSKD: Array, mask: Array | None, is_causal: bool) -> str | None:
+    """Why the kernel does not take this call (XLA's attention does), or None when it does:
+    causal needs T == S, and a mask must be the same for every head, [B or 1, 1, T or 1, S]
+    as padding and segment masks are."""
+    if mask is not None and not (mask.ndim == 4 and mask.shape[1] == 1):
+        return f"the mask must be [B, 1, T, S], the same for every head (got {mask.shape})"
     if is_causal and q_BTHD.shape[1] != k_BSKD.shape[1]:
-        return False
-    return mask is None or (mask.ndim == 4 and mask.shape[1] == 1)
+        return (f"causal attention needs T == S (got q {q_BTHD.shape}, "
+                f"k {k_BSKD.shape})")
+    return None
 
 
 def _call(name, outs, *args, causal: bool, masked: bool):
@@ -183,13 +187,7 @@ def cpu_attention(q_BTHD: Array, k_BSKD: Array, v_BSKD: Array, mask: Array | Non
     mask (True = may attend) broadcastable to [B, 1, T, S]: one for all heads. A query row
     that sees no key at all gets zeros (the reference gives the mean of the values there).
     """
-    why = why_not(q_BTHD, k_BSKD)
-    if why is None and not fits(q_BTHD, k_BSKD, mask, is_causal):
-        head_free = mask is None or (mask.ndim == 4 and mask.shape[1] == 1)
-        why = ("causal attention needs T == S" if head_free else
-               "the mask must be [B, 1, T, S], the same for every head") + \
-              f" (got q {q_BTHD.shape}, k {k_BSKD.shape}" + \
-              ("" if mask is None else f", mask {mask.shape}") + ")"
+    why = why_not(q_BTHD, k_BSKD) or unfit(q_BTHD, k_BSKD, mask, is_causal)
     if why is not None:
         raise ValueError(f"fmzoo's CPU attention kernel cannot run here: {why}")
     B, T, _, _ = q_BTHD.shape

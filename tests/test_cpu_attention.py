@@ -13,7 +13,8 @@ from fmzoo.models import attention as A
 from fmzoo.models import cpu_attention as C
 from fmzoo.models.registry import build, get_config
 
-pytestmark = pytest.mark.skipif(not C.available(), reason="no C++ compiler to build the kernel")
+# Skipped only where there is no compiler at all: a build that fails is a test failure.
+pytestmark = pytest.mark.skipif(C._compiler() is None, reason="no C++ compiler on this machine")
 
 
 def _qkv(b, t, h, k, d, s=None, seed=0):

@@ -6,20 +6,17 @@
 //
 // Layout is jax.nn.dot_product_attention's: q [..., T, H, D], k and v [..., S, K, D] with
 // K dividing H (grouped-query attention); every leading dim is batch. An optional mask of
-// bytes [..., T, S] (shared by the heads: padding, packed segments) hides keys. The forward also
-// returns the log-sum-exp of each score row, lse [..., H, T], so the backward recomputes
-// the probabilities instead of storing them.
+// bytes [..., T, S] (shared by the heads: padding, packed segments) hides keys. The
+// forward also returns the log-sum-exp of each score row, lse [..., H, T], so the backward
+// recomputes the probabilities instead of storing them.
 //
 // Built at first use by fmzoo/models/cpu_attention.py with the host compiler (-O3
 // -march=native); GCC/Clang vector extensions keep it portable across x86 and ARM.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 #include <vector>
 
 #include "simd.h"
@@ -47,7 +44,8 @@ ffi::Error get_dims(ffi::AnyBuffer q, ffi::AnyBuffer k, Dims* d) {
   d->T = qd[r - 3]; d->H = qd[r - 2]; d->D = qd[r - 1];
   d->S = kd[r - 3]; d->K = kd[r - 2];
   if (kd[r - 1] != d->D || d->H % d->K)
-    return ffi::Error::InvalidArgument("fmzoo cpu attention: head dims differ or K does not divide H");
+    return ffi::Error::InvalidArgument(
+        "fmzoo cpu attention: head dims differ or K does not divide H");
   return ffi::Error::Success();
 }
 
@@ -88,7 +86,7 @@ void softmax_rows(float* s, int64_t lds, int m, int64_t i0, int64_t ncols, int64
       int64_t j = 0;
       for (; j + 8 <= end; j += 8) {
         v8 x = load8(row + j);
-        vm = keep8(mr, j) & (x > vm) ? x : vm;
+        vm = (keep8(mr, j) & (x > vm)) ? x : vm;
       }
       float mx = -INFINITY;
       for (int l = 0; l < 8; ++l) mx = std::max(mx, vm[l]);

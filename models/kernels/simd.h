@@ -47,8 +47,8 @@ inline v8 exp8(v8 x) {
 // A[r * lda + k * ak] (so ak = ld, lda = 1 reads a transposed block in place); MR x 16
 // register tiles.
 template <int MR>
-inline void tile16(int K, const float* A, int64_t lda, int64_t ak, const float* B, int64_t ldb, float* C,
-                   int64_t ldc, bool acc) {
+inline void tile16(int K, const float* A, int64_t lda, int64_t ak, const float* B, int64_t ldb,
+                   float* C, int64_t ldc, bool acc) {
   v8 c0[MR], c1[MR];
   for (int r = 0; r < MR; ++r) {
     c0[r] = acc ? load8(C + r * ldc) : v8{};
@@ -69,8 +69,8 @@ inline void tile16(int K, const float* A, int64_t lda, int64_t ak, const float* 
 }
 
 template <int MR>
-inline void tile8(int K, const float* A, int64_t lda, int64_t ak, const float* B, int64_t ldb, float* C,
-                  int64_t ldc, bool acc) {
+inline void tile8(int K, const float* A, int64_t lda, int64_t ak, const float* B, int64_t ldb,
+                  float* C, int64_t ldc, bool acc) {
   v8 c0[MR];
   for (int r = 0; r < MR; ++r) c0[r] = acc ? load8(C + r * ldc) : v8{};
   for (int k = 0; k < K; ++k) {
@@ -81,8 +81,8 @@ inline void tile8(int K, const float* A, int64_t lda, int64_t ak, const float* B
 }
 
 template <int MR>
-inline void rows(int N, int K, const float* A, int64_t lda, int64_t ak, const float* B, int64_t ldb, float* C,
-          int64_t ldc, bool acc) {
+inline void rows(int N, int K, const float* A, int64_t lda, int64_t ak, const float* B,
+                 int64_t ldb, float* C, int64_t ldc, bool acc) {
   int j = 0;
   for (; j + 16 <= N; j += 16) tile16<MR>(K, A, lda, ak, B + j, ldb, C + j, ldc, acc);
   for (; j + 8 <= N; j += 8) tile8<MR>(K, A, lda, ak, B + j, ldb, C + j, ldc, acc);
