@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import os
 
+import fmzoo
+
+# Imported before any jax call, so that fmzoo's host malloc tuning (fmzoo/_malloc.py) holds
+# in every bench script: None when it applied, else why not.
+HOST_MALLOC = fmzoo.HOST_MALLOC
+
 
 def device_mismatch(want: str) -> str | None:
     """The error for a run asked for `want` ('cpu', 'gpu' or 'any') while jax runs on another

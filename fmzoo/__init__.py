@@ -6,6 +6,11 @@ imports jax.
 
 __version__ = "0.1.0"
 
+from fmzoo import _malloc
+
+# Before jax starts its CPU client: see fmzoo/_malloc.py (None when applied, else why not).
+HOST_MALLOC = _malloc.tune()
+
 _LAZY = {
     "load": "fmzoo.api", "Loaded": "fmzoo.models.bundle",
     "build": "fmzoo.models", "count_params": "fmzoo.models", "get_config": "fmzoo.models",
