@@ -96,7 +96,9 @@ t0 = time.perf_counter()
 summary = sft(SFTSettings.from_dict({
     "model": {"source": "gpt-tiny", "overrides": TINY},
     "data": {**TASK, "batch_size": 32, "max_length": 36},
-    "optim": {"lr": 1e-2, "warmup": 20},
+    # 3e-3 rather than 1e-2: at 1e-2 the step at which the model leaves the plateau below
+    # moved by 100 steps when only float rounding changed (another attention kernel)
+    "optim": {"lr": 3e-3, "warmup": 20},
     "eval": {"every": EVAL_EVERY, "examples": EVAL_EXAMPLES, "batches": 1, "show": 0},
     "checkpoint": {"save_every": SFT_STEPS},
     "run": {"workdir": "runs/sft", "steps": SFT_STEPS, "log_every": 10, "progress": False},
