@@ -49,12 +49,12 @@ def why_not() -> str | None:
         return "not glibc"
     if "MALLOC_ARENA_MAX" in os.environ or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return "malloc already tuned by the environment (MALLOC_ARENA_MAX or GLIBC_TUNABLES)"
+    if _accelerator_possible():
+        return "an accelerator plugin is installed or named by JAX_PLATFORMS"
     bridge = sys.modules.get("jax._src.xla_bridge")
     if bridge is not None and getattr(bridge, "_backends", None):
         return ("jax's backends started before fmzoo was imported (import fmzoo first: the "
                 "worker threads choose their malloc arena when the CPU client starts)")
-    if _accelerator_possible():
-        return "an accelerator plugin is installed or named by JAX_PLATFORMS"
     return None
 
 

@@ -29,8 +29,10 @@ print(json.dumps({"status": fmzoo.HOST_MALLOC, "faults_per_call": faults[len(fau
 
 
 def _probe(**env):
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("MALLOC_ARENA_MAX", "GLIBC_TUNABLES", "FMZOO_HOST_MALLOC")}
     out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True,
-                         env={**os.environ, **env}, timeout=300)
+                         env={**base, **env}, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
