@@ -7,8 +7,8 @@ import os
 import fmzoo
 
 # Imported before any jax call, so that fmzoo's host malloc tuning (fmzoo/_malloc.py) holds
-# in every bench script: None when it applied, else why not.
-HOST_MALLOC = fmzoo.HOST_MALLOC
+# in every bench script; its state as the scripts report it: "on" or "off (why)".
+HOST_MALLOC = "on" if fmzoo.HOST_MALLOC is None else f"off ({fmzoo.HOST_MALLOC})"
 
 
 def device_mismatch(want: str) -> str | None:

@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train import jax_lm_step, time_steps, torch_lm_step  # noqa: E402
-from device import HOST_MALLOC  # noqa: E402  (fmzoo's malloc tuning: None = on)
+from device import HOST_MALLOC  # noqa: E402  (fmzoo's malloc tuning: "on" or "off (why)")
 
 CATEGORIES = ("attention projections (q, k, v, out)", "attention core (scores, softmax, PV)",
               "MLP", "embedding, norms, LM head, loss", "optimizer, clipping, norms")
@@ -167,7 +167,7 @@ def report(j: dict, t: dict | None) -> str:
     lines = [f"fmzoo (XLA:CPU) step {j['step_ms']:.0f} ms ({j['traced_step_ms']:.0f} ms traced); "
              f"{j['ops_per_step']:.0f} ops per step; no op running {j['idle_ms']:.0f} ms per step; "
              f"two ops at once {j['overlap_ms']:.0f} ms per step; host malloc tuning "
-             f"{'on' if HOST_MALLOC is None else 'off (' + HOST_MALLOC + ')'}.", "",
+             f"{HOST_MALLOC}.", "",
              "| category | kind | ms per step (op time) | ops per step | GFLOP/s |",
              "|---|---|---|---|---|"]
     for (cat, kind), r in sorted(j["rows"].items(), key=lambda kv: -kv[1]["ms"]):
@@ -201,7 +201,7 @@ def main(argv=None) -> int:
             print(json.dumps({"bench": "profile_train", "impl": "fmzoo", "preset": args.preset,
                               "category": cat, "kind": kind, **r}))
         print(json.dumps({"bench": "profile_train", "impl": "fmzoo", "preset": args.preset,
-                          "host_malloc": HOST_MALLOC or "on",
+                          "host_malloc": HOST_MALLOC,
                           **{k: v for k, v in j.items() if k != "rows"}}))
         if t is not None:
             for cat, ms in t["rows"].items():
