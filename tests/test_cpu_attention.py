@@ -66,6 +66,20 @@ def test_fewer_queries_than_keys_with_padding(t):
         np.testing.assert_allclose(g, r, atol=2e-5, rtol=1e-4)
 
 
+def test_a_long_context_beyond_the_kept_scratch_is_still_right():
+    """S = 45000 keys: the backward's scratch (5 D S + 2 x 32 S floats) passes the 16 MB a
+    pool thread keeps for reuse, so each task allocates its own; the result must not change."""
+    q, k, v = _qkv(1, 5, 2, 1, 8, s=45000, seed=5)
+    w = jax.random.normal(jax.random.key(6), q.shape)
+    loss = lambda f: lambda q, k, v: (f(q, k, v) * w).sum()  # noqa: E731
+    fused = lambda q, k, v: C.cpu_attention(q, k, v)  # noqa: E731
+    ref = lambda q, k, v: A.scaled_dot_product_attention(q, k, v)  # noqa: E731
+    np.testing.assert_allclose(fused(q, k, v), ref(q, k, v), atol=2e-6, rtol=1e-5)
+    for g, r in zip(jax.grad(loss(fused), argnums=(0, 1, 2))(q, k, v),
+                    jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(g, r, atol=2e-5, rtol=1e-4)
+
+
 def test_causal_is_causal():
     """Changing the last token's key and value changes no earlier output."""
     q, k, v = _qkv(1, 70, 2, 2, 16)

@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "simd.h"
@@ -28,7 +29,8 @@ namespace {
 
 using namespace fmzoo_cpu;
 
-constexpr int kBlock = 64;  // query rows per block: a block of scores stays in L2
+constexpr int kBlock = 32;  // query rows per block: its scores stay in L2, and a causal block
+                            // computes at most 31 masked columns per row
 
 struct Dims {
   int64_t batch, T, S, H, K, D;
@@ -134,13 +136,62 @@ inline float dot(const float* a, const float* b, int64_t n) {
 
 constexpr int64_t kFewRows = 4;
 
+// One head's [S, D] slice of k or v (row stride ld) copied out: transposed to [D, S] (the
+// B operand of Q K^T) or as contiguous rows. Eight rows at a time, so the transposed copy
+// writes whole vectors.
+void pack_t(const float* src, int64_t ld, int64_t S, int64_t D, float* dst) {
+  int64_t s = 0;
+  for (; s + 8 <= S; s += 8) {
+    const float* r = src + s * ld;
+    for (int64_t x = 0; x < D; ++x)
+      store8(dst + x * S + s, v8{r[x], r[ld + x], r[2 * ld + x], r[3 * ld + x],
+                                 r[4 * ld + x], r[5 * ld + x], r[6 * ld + x], r[7 * ld + x]});
+  }
+  for (; s < S; ++s)
+    for (int64_t x = 0; x < D; ++x) dst[x * S + s] = src[s * ld + x];
+}
+
+void pack_rows(const float* src, int64_t ld, int64_t S, int64_t D, float* dst) {
+  for (int64_t s = 0; s < S; ++s) std::memcpy(dst + s * D, src + s * ld, D * sizeof(float));
+}
+
+// A task's scratch, uninitialised. Up to kKeep floats it is one buffer per pool thread that
+// later tasks reuse, so a block is neither allocated nor zero-filled per (batch, head); a
+// larger request (long contexts) is the task's own and freed with it, so no thread holds on
+// to it after the call.
+constexpr size_t kKeep = size_t{4} << 20;  // 16 MB
+
+class Scratch {
+ public:
+  explicit Scratch(size_t n) {
+    thread_local std::unique_ptr<float[]> kept;
+    thread_local size_t kept_n = 0;
+    if (n > kKeep) {
+      own_.reset(new float[n]);
+      p_ = own_.get();
+      return;
+    }
+    if (kept_n < n) {
+      kept.reset(new float[n]);
+      kept_n = n;
+    }
+    p_ = kept.get();
+  }
+  float* get() const { return p_; }
+
+ private:
+  std::unique_ptr<float[]> own_;
+  float* p_;
+};
+
 // Cached decode's few query rows per head: copying K and V into packed blocks would cost as
 // much as the arithmetic, so read them in place, one key row at a time.
 void few_rows(const float* Q, const float* Kp, const float* V, float* O, float* L,
               const uint8_t* Mk, const Dims& d, int64_t b, int64_t h, bool causal,
               float scale) {
   const int64_t T = d.T, S = d.S, H = d.H, K = d.K, D = d.D, kh = h / (H / K);
-  std::vector<float> sc(S);
+  Scratch buf(S);
+  float* sc = buf.get();
   const float* kb = Kp + b * S * K * D + kh * D;
   const float* vb = V + b * S * K * D + kh * D;
   const uint8_t* mb = Mk ? Mk + b * T * S : nullptr;
@@ -149,7 +200,7 @@ void few_rows(const float* Q, const float* Kp, const float* V, float* O, float* 
     float* oi = O + (b * T + i) * H * D + h * D;
     int64_t end = key_end(i, S, causal);
     for (int64_t s = 0; s < end; ++s) sc[s] = dot(qi, kb + s * K * D, D);
-    softmax_rows(sc.data(), S, 1, i, end, S, causal, scale,
+    softmax_rows(sc, S, 1, i, end, S, causal, scale,
                  L + (b * H + h) * T + i, false, mb);
     std::fill(oi, oi + D, 0.0f);
     for (int64_t s = 0; s < end; ++s) {
@@ -194,14 +245,13 @@ ffi::Error forward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   auto task = [&](int64_t item) {
     int64_t b = item / H, h = item % H, kh = h / G;
     if (T <= kFewRows) return few_rows(Q, Kp, V, O, L, Mk, d, b, h, causal, scale);
-    std::vector<float> kt(D * S), vv(S * D), sc(kBlock * S);
+    Scratch buf(2 * D * S + kBlock * S);
+    float* kt = buf.get();
+    float *vv = kt + D * S, *sc = vv + S * D;
     const float* kb = Kp + b * S * K * D + kh * D;
     const float* vb = V + b * S * K * D + kh * D;
-    for (int64_t s = 0; s < S; ++s)
-      for (int64_t x = 0; x < D; ++x) {
-        kt[x * S + s] = kb[s * K * D + x];
-        vv[s * D + x] = vb[s * K * D + x];
-      }
+    pack_t(kb, K * D, S, D, kt);
+    pack_rows(vb, K * D, S, D, vv);
     const float* qb = Q + b * T * H * D + h * D;
     float* ob = O + b * T * H * D + h * D;
     float* lb = L + (b * H + h) * T;
@@ -209,9 +259,9 @@ ffi::Error forward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
     for (int64_t i0 = 0; i0 < T; i0 += kBlock) {
       int m = static_cast<int>(std::min<int64_t>(kBlock, T - i0));
       int64_t ncols = causal ? i0 + m : S;
-      gemm(m, ncols, D, qb + i0 * H * D, H * D, 1, kt.data(), S, sc.data(), S, false);
-      softmax_rows(sc.data(), S, m, i0, ncols, S, causal, scale, lb + i0, false, mb);
-      gemm(m, D, ncols, sc.data(), S, 1, vv.data(), D, ob + i0 * H * D, H * D, false);
+      gemm(m, ncols, D, qb + i0 * H * D, H * D, 1, kt, S, sc, S, false);
+      softmax_rows(sc, S, m, i0, ncols, S, causal, scale, lb + i0, false, mb);
+      gemm(m, D, ncols, sc, S, 1, vv, D, ob + i0 * H * D, H * D, false);
     }
   };
   parallel_for(pool, d.batch * H, task);
@@ -238,15 +288,16 @@ ffi::Error backward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ff
   // One task per (batch, kv head): the G query heads that share it add into one dK, dV.
   auto task = [&](int64_t item) {
     int64_t b = item / K, kh = item % K;
-    std::vector<float> kt(D * S), kk(S * D), vt(D * S), gk(S * D, 0.0f), gv(S * D, 0.0f);
-    std::vector<float> p(kBlock * S), dp(kBlock * S), delta(kBlock);
+    Scratch buf(5 * D * S + 2 * kBlock * S + kBlock);
+    float* kt = buf.get();
+    float *kk = kt + D * S, *vt = kk + S * D, *gk = vt + D * S, *gv = gk + S * D;
+    float *p = gv + S * D, *dp = p + kBlock * S, *delta = dp + kBlock * S;
+    std::fill(gk, gk + 2 * S * D, 0.0f);  // dK and dV accumulate over the query blocks
     const float* kb = Kp + b * S * K * D + kh * D;
     const float* vb = V + b * S * K * D + kh * D;
-    for (int64_t s = 0; s < S; ++s)
-      for (int64_t x = 0; x < D; ++x) {
-        kt[x * S + s] = kk[s * D + x] = kb[s * K * D + x];
-        vt[x * S + s] = vb[s * K * D + x];
-      }
+    pack_t(kb, K * D, S, D, kt);
+    pack_rows(kb, K * D, S, D, kk);
+    pack_t(vb, K * D, S, D, vt);
     const uint8_t* mb = Mk ? Mk + b * T * S : nullptr;
     for (int64_t g = 0; g < G; ++g) {
       int64_t h = kh * G + g;
@@ -258,34 +309,34 @@ ffi::Error backward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ff
         const float* qi = Q + off + i0 * ld;
         const float* oi = O + off + i0 * ld;
         const float* doi = dO + off + i0 * ld;
-        gemm(m, ncols, D, qi, ld, 1, kt.data(), S, p.data(), S, false);
-        softmax_rows(p.data(), S, m, i0, ncols, S, causal, scale,
+        gemm(m, ncols, D, qi, ld, 1, kt, S, p, S, false);
+        softmax_rows(p, S, m, i0, ncols, S, causal, scale,
                      const_cast<float*>(lb + i0), true, mb);
-        gemm(m, ncols, D, doi, ld, 1, vt.data(), S, dp.data(), S, false);  // dP = dO V^T
+        gemm(m, ncols, D, doi, ld, 1, vt, S, dp, S, false);  // dP = dO V^T
         for (int r = 0; r < m; ++r) {
           float s = 0.0f;
           for (int64_t x = 0; x < D; ++x) s += doi[r * ld + x] * oi[r * ld + x];
           delta[r] = s;
         }
         for (int r = 0; r < m; ++r) {  // dS = P (dP - delta) * scale, in place of dP
-          float* dpr = dp.data() + r * S;
-          const float* pr = p.data() + r * S;
+          float* dpr = dp + r * S;
+          const float* pr = p + r * S;
           v8 dl = splat(delta[r]), sc = splat(scale);
           int64_t j = 0;
           for (; j + 8 <= ncols; j += 8)
             store8(dpr + j, load8(pr + j) * (load8(dpr + j) - dl) * sc);
           for (; j < ncols; ++j) dpr[j] = pr[j] * (dpr[j] - delta[r]) * scale;
         }
-        gemm(m, D, ncols, dp.data(), S, 1, kk.data(), D, dQ + off + i0 * ld, ld, false);
-        gemm(ncols, D, m, p.data(), 1, S, doi, ld, gv.data(), D, true);  // dV += P^T dO
-        gemm(ncols, D, m, dp.data(), 1, S, qi, ld, gk.data(), D, true);  // dK += dS^T Q
+        gemm(m, D, ncols, dp, S, 1, kk, D, dQ + off + i0 * ld, ld, false);
+        gemm(ncols, D, m, p, 1, S, doi, ld, gv, D, true);  // dV += P^T dO
+        gemm(ncols, D, m, dp, 1, S, qi, ld, gk, D, true);  // dK += dS^T Q
       }
     }
     float* dkb = dK + b * S * K * D + kh * D;
     float* dvb = dV + b * S * K * D + kh * D;
     for (int64_t s = 0; s < S; ++s) {
-      std::memcpy(dkb + s * K * D, gk.data() + s * D, D * sizeof(float));
-      std::memcpy(dvb + s * K * D, gv.data() + s * D, D * sizeof(float));
+      std::memcpy(dkb + s * K * D, gk + s * D, D * sizeof(float));
+      std::memcpy(dvb + s * K * D, gv + s * D, D * sizeof(float));
     }
   };
   parallel_for(pool, d.batch * K, task);
