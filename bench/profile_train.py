@@ -76,7 +76,8 @@ def hlo_ops(hlo: str) -> dict[str, dict]:
 
     ops = {}
     for line in hlo.splitlines():  # names are unique in a module; only thunks show in traces
-        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = \S+ ([\w\-]+)\(", line)
+        # the result type is one shape, or a tuple of them (the attention kernel's custom calls)
+        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (?:\([^)]*\)|\S+) ([\w\-]+)\(", line)
         if not m:
             continue
         called = re.search(r"calls=%?([\w.\-]+)", line)
