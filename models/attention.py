@@ -88,8 +88,8 @@ def scaled_dot_product_attention(q_BTHD: Array, k_BSKD: Array, v_BSKD: Array,
 
 def choose_impl(impl: str, dtype: Any, head_dim: int) -> str:
     """'auto' picks cuDNN's fused kernel where it applies (GPU, 16-bit, D <= 128), fmzoo's
-    fused CPU kernel on a one-device CPU run in fp32 when FMZOO_CPU_ATTENTION=1 (and it
-    could be built), else XLA."""
+    fused CPU kernel on a one-device CPU run in fp32 (unless FMZOO_CPU_ATTENTION=0, and if
+    it could be built), else XLA."""
     if impl != "auto":
         return impl
     backend = jax.default_backend()

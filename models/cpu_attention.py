@@ -8,9 +8,10 @@ backward recomputes the probabilities from the saved log-sum-exp.
 
 The C++ source (with kernels/simd.h) is compiled with the host compiler on first use (a few
 seconds, once per machine: the result is cached under ~/.cache/fmzoo/kernels keyed by the
-source, jaxlib and CPU) and registered with `jax.ffi`. Select it with attention_impl='cpu',
-or let 'auto' pick it on a one-device CPU run with FMZOO_CPU_ATTENTION=1. Without a
-compiler, `available()` is False and 'cpu' raises a clear error.
+source, jaxlib and CPU) and registered with `jax.ffi`. 'auto' picks it for fp32 on a
+one-device CPU run (FMZOO_CPU_ATTENTION=0 keeps 'auto' on XLA's attention); select it
+explicitly with attention_impl='cpu'. Without a compiler, `available()` is False, 'auto'
+stays on XLA and 'cpu' raises a clear error.
 
 Scope: fp32; causal (T == S) or not; a boolean mask shared by the heads (padding, packed
 segments); any number of heads with K | H.
@@ -114,12 +115,9 @@ def available() -> bool:
 
 
 def auto_enabled() -> bool:
-    """Whether attention 'auto' may pick the kernel: opt-in (FMZOO_CPU_ATTENTION=1) for now.
-
-    Its results differ from XLA's by float rounding only (~1e-7), but that is enough to move
-    when a small model at a high learning rate leaves a loss plateau, and the notebooks'
-    small-mode claims were tuned on XLA's trajectories (docs/performance.md)."""
-    return os.environ.get("FMZOO_CPU_ATTENTION", "0") == "1" and available()
+    """Whether attention 'auto' may pick the kernel: unless FMZOO_CPU_ATTENTION=0, and only
+    when it could be built. Its results differ from XLA's by float rounding (~1e-7)."""
+    return os.environ.get("FMZOO_CPU_ATTENTION", "1") != "0" and available()
 
 
 def why_not(q_BTHD: Array, k_BSKD: Array) -> str | None:

@@ -152,13 +152,18 @@ def test_dispatch_sends_what_the_kernel_does_not_take_to_xla_and_refuses_what_it
         C.cpu_attention(q, k, v, jnp.ones((2, 4, 20, 27), bool))
 
 
-def test_auto_picks_the_kernel_when_asked_on_one_cpu_device_only(monkeypatch):
-    monkeypatch.setenv("FMZOO_CPU_ATTENTION", "1")
+def test_auto_picks_the_kernel_on_one_cpu_device_unless_turned_off(monkeypatch):
+    monkeypatch.delenv("FMZOO_CPU_ATTENTION", raising=False)
     assert A.choose_impl("auto", jnp.float32, 32) == "xla"  # 8 simulated devices here
     monkeypatch.setattr(jax, "device_count", lambda *a: 1)
-    assert A.choose_impl("auto", jnp.float32, 32) == "cpu"
+    assert A.choose_impl("auto", jnp.float32, 32) == "cpu"  # the default on one device
     assert A.choose_impl("auto", jnp.bfloat16, 32) == "xla"
-    monkeypatch.delenv("FMZOO_CPU_ATTENTION")  # opt-in: off unless asked
+    monkeypatch.setenv("FMZOO_CPU_ATTENTION", "0")  # the off switch
+    assert A.choose_impl("auto", jnp.float32, 32) == "xla"
+    monkeypatch.setenv("FMZOO_CPU_ATTENTION", "1")
+    assert A.choose_impl("auto", jnp.float32, 32) == "cpu"
+    monkeypatch.setattr(C, "available", lambda: False)  # no compiler: XLA, no error
+    monkeypatch.delenv("FMZOO_CPU_ATTENTION")
     assert A.choose_impl("auto", jnp.float32, 32) == "xla"
 
 
