@@ -117,7 +117,11 @@ def available() -> bool:
 def auto_enabled() -> bool:
     """Whether attention 'auto' may pick the kernel: unless FMZOO_CPU_ATTENTION=0, and only
     when it could be built. Its results differ from XLA's by float rounding (~1e-7)."""
-    return os.environ.get("FMZOO_CPU_ATTENTION", "1") != "0" and available()
+    flag = os.environ.get("FMZOO_CPU_ATTENTION", "1")
+    if flag not in ("0", "1"):
+        raise ValueError(f"FMZOO_CPU_ATTENTION must be 0 (attention 'auto' stays on XLA) or 1 "
+                         f"(the default: the fused CPU kernel where it applies), got {flag!r}")
+    return flag == "1" and available()
 
 
 def why_not(q_BTHD: Array, k_BSKD: Array) -> str | None:

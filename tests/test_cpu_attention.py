@@ -165,6 +165,9 @@ def test_auto_picks_the_kernel_on_one_cpu_device_unless_turned_off(monkeypatch):
     monkeypatch.setattr(C, "available", lambda: False)  # no compiler: XLA, no error
     monkeypatch.delenv("FMZOO_CPU_ATTENTION")
     assert A.choose_impl("auto", jnp.float32, 32) == "xla"
+    monkeypatch.setenv("FMZOO_CPU_ATTENTION", "off")  # a value it does not know: said, not guessed
+    with pytest.raises(ValueError, match="FMZOO_CPU_ATTENTION must be 0 .* or 1 .*got 'off'"):
+        A.choose_impl("auto", jnp.float32, 32)
 
 
 def test_a_model_with_the_kernel_trains_like_one_without():

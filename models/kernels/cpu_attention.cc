@@ -18,7 +18,6 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <vector>
 
 #include "simd.h"
 #include "xla/ffi/api/ffi.h"
