@@ -4,6 +4,9 @@ interleaved in one process (the cores are shared: rounds alternate so that drift
     python bench/attention_step.py            # gpt-tiny, batch 16 x 128, AdamW, fp32
     python bench/attention_step.py --json     # one JSON object per configuration
 
+A fifth configuration is the kernel's step with JAX's own backward pass for the dense layers'
+dot_general instead of models/linear.py's (the change of 2026-11-28, A/B'd in place).
+
 Each configuration's step (bench/train.py's jax_lm_step / torch_lm_step) is built and warmed
 up once; then --rounds rounds time --steps steps of each. Reports medians over rounds and
 each one's ratio to PyTorch's step.
@@ -42,11 +45,24 @@ def main(argv=None) -> int:
             step, state, batch = jax_lm_step(config.replace(attention_impl=impl),
                                              args.batch_size, args.seq_len, packed)
             runs[f"fmzoo {impl}{', packed' if packed else ''}"] = [step, state, batch]
-    torch_step = torch_lm_step(config, args.batch_size, args.seq_len)
     for r in runs.values():  # compile and warm up
         for _ in range(2):
             r[1], m = r[0](r[1], r[2])
         jax.block_until_ready(m)
+    # the kernel step again with JAX's own dot_general backward (models/linear.py); the
+    # switch is read while the step is traced, i.e. at its first call
+    from fmzoo.models import linear
+    linear.ENABLED = False
+    try:
+        r = list(jax_lm_step(config.replace(attention_impl="cpu"), args.batch_size,
+                             args.seq_len, False))
+        for _ in range(2):
+            r[1], m = r[0](r[1], r[2])
+        jax.block_until_ready(m)
+    finally:
+        linear.ENABLED = True
+    runs["fmzoo cpu, JAX's dot backward"] = r
+    torch_step = torch_lm_step(config, args.batch_size, args.seq_len)
     torch_step()
     times = {k: [] for k in [*runs, "pytorch"]}
     for _ in range(args.rounds):

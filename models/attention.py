@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from . import cpu_attention
 from .cache import write_layer_rows, write_rows
+from .linear import project
 
 Array = jax.Array
 INIT = nn.initializers.normal(stddev=0.02)
@@ -190,8 +191,7 @@ class HeadsDense(nn.Module):
         bias = (self.param("bias", param_with_axes(nn.initializers.zeros, self.kernel_axes[-n_out:]),
                            tuple(self.features), self.param_dtype) if self.use_bias else None)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
-        y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
+        y = project(x, kernel, self.n_in)
         return y if bias is None else y + bias
 
 

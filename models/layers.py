@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from .attention import INIT, param_with_axes
+from .linear import dense_dot_general
 
 Array = jax.Array
 
@@ -30,6 +31,7 @@ def norm(kind: str, eps: float, dtype: Any, param_dtype: Any, name: str, use_bia
 
 def dense(features: int, axes: tuple[str, str], use_bias: bool, dtype, param_dtype, name: str):
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+                    dot_general=dense_dot_general,
                     kernel_init=param_with_axes(INIT, axes),
                     bias_init=param_with_axes(nn.initializers.zeros, (axes[1],)))
 
