@@ -1,5 +1,6 @@
 """Sharding by name: parameter rules, activation constraints, the FSDP compute layout."""
 
+import collections
 import math
 import re
 
@@ -10,6 +11,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fmzoo.models import get_config, logical_axes, param_shapes
+from fmzoo.models.lora import n_in_axes
 from fmzoo.models.sharding import (constrain_activations, param_shardings, sharding_context,
                                    without_axis)
 from fmzoo.train.mesh import make_mesh
@@ -96,16 +98,21 @@ def test_fsdp_gathers_whole_weights_and_nothing_else(fsdp_step):
 def test_gradients_are_reduced_across_the_batch_shards(fsdp_step):
     _, state, _, _, compiled = fsdp_step
     hlo = compiled.as_text()
-    reduced = set(_collective_results(hlo, "all-reduce") + _collective_results(hlo, "reduce-scatter"))
-    # each weight's gradient is summed over the devices that hold different rows of the batch
-    # (CPU XLA reduces whole gradients; GPU/TPU may reduce-scatter to the shard shape). A
-    # multi-axis kernel's gradient is a 2-d product (models/linear.py) reshaped afterwards,
-    # so it may be reduced as [in, out] with its axes grouped either side of the contraction
-    for p in jax.tree.leaves(state.params):
-        shard = p.sharding.shard_shape(p.shape)
-        grouped = {(math.prod(p.shape[:i]), math.prod(p.shape[i:])) for i in range(1, p.ndim)}
-        assert (tuple(p.shape) in reduced or tuple(shard) in reduced
-                or grouped & reduced), p.shape
+    reduced = collections.Counter(_collective_results(hlo, "all-reduce")
+                                  + _collective_results(hlo, "reduce-scatter"))
+    # each weight's gradient is summed over the devices that hold different rows of the batch,
+    # by a reduction of its own (CPU XLA reduces whole gradients; GPU/TPU may reduce-scatter to
+    # the shard shape). A multi-axis kernel's gradient is computed as [in, out] with its input
+    # axes grouped (models/linear.py) and reshaped after, so it may be reduced in that shape
+    for path, p in jax.tree_util.tree_leaves_with_path(state.params):
+        names = tuple(getattr(k, "key", str(k)) for k in path)
+        shapes = [tuple(p.shape), tuple(p.sharding.shard_shape(p.shape))]
+        if names[-1] == "kernel" and p.ndim > 2:
+            n = n_in_axes(names[:-1], p.ndim)
+            shapes.append((math.prod(p.shape[:n]), math.prod(p.shape[n:])))
+        hit = next((s for s in shapes if reduced[s] > 0), None)
+        assert hit is not None, (names, p.shape, shapes)
+        reduced[hit] -= 1
 
 
 def test_each_device_holds_an_eighth_of_the_state(fsdp_step):
