@@ -54,7 +54,7 @@ def _worker(spec, preset: str, batch_size: int, seq_len: int, cpus, conn) -> Non
     if cpus:  # before jax or torch size their thread pools from the affinity
         os.sched_setaffinity(0, cpus)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from train import jax_lm_step, torch_lm_step
+    from train import jax_lm_step, time_steps, torch_lm_step
 
     from fmzoo.models.registry import get_config
     config = get_config(preset)
@@ -63,28 +63,25 @@ def _worker(spec, preset: str, batch_size: int, seq_len: int, cpus, conn) -> Non
         torch.set_num_threads(len(os.sched_getaffinity(0)))
         step = torch_lm_step(config, batch_size, seq_len)
 
-        def run(n):
+        def timed(n: int) -> float:  # seconds per step
+            t = time.perf_counter()
             for _ in range(n):
                 step()
+            return (time.perf_counter() - t) / n
     else:
-        import jax
-
         from fmzoo.models import linear
         impl, packed, linear.ENABLED = spec  # read when the step is traced, at its first call
         fn, state, batch = jax_lm_step(config.replace(attention_impl=impl), batch_size,
                                        seq_len, packed)
         box = [state]
 
-        def run(n):
-            for _ in range(n):
-                box[0], m = fn(box[0], batch)
-            jax.block_until_ready(m)
-    run(2)
+        def timed(n: int) -> float:
+            dt, box[0] = time_steps(fn, box[0], batch, 0, n)
+            return dt
+    timed(2)  # compile and warm up
     conn.send("ready")
     while (n := conn.recv()) is not None:
-        t = time.perf_counter()
-        run(n)
-        conn.send((time.perf_counter() - t) / n * 1e3)
+        conn.send(timed(n) * 1e3)
 
 
 def _spin() -> None:
@@ -106,7 +103,17 @@ def main(argv=None) -> int:
                         "each, where load on the host slows both runtimes alike)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    for flag, value, least in (("--rounds", args.rounds, 1), ("--steps", args.steps, 1),
+                               ("--spinners", args.spinners, 0)):
+        if value < least:
+            p.error(f"{flag} {value}: must be at least {least}")
     from device import HOST_MALLOC  # fmzoo's malloc tuning, "on" or "off (why)"
+
+    from fmzoo.models.registry import get_config
+    try:  # an unknown preset is named here, before six workers start
+        get_config(args.preset)
+    except (KeyError, ValueError) as e:
+        p.error(str(e))
 
     try:
         cpus = sorted({int(c) for c in args.cpus.split(",") if c.strip()})
@@ -116,33 +123,37 @@ def main(argv=None) -> int:
         p.error(f"--cpus {args.cpus!r}: this process may run on CPUs "
                 f"{sorted(os.sched_getaffinity(0))} only")
     ctx = mp.get_context("spawn")  # a fresh interpreter: no thread pool inherited
-    workers = {}
+    workers, spinners = {}, []
     try:
         for name, spec in CONFIGS.items():  # built one at a time: compiles don't overlap
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=_worker, daemon=True, args=(
                 spec, args.preset, args.batch_size, args.seq_len, cpus, child))
             proc.start()
+            child.close()  # the worker's end: a worker that dies then reads as EOF, not a hang
             workers[name] = (proc, parent)
-            if parent.recv() != "ready":
-                raise RuntimeError(f"worker {name!r} failed to start")
-        times = {k: [] for k in workers}
+            try:
+                parent.recv()
+            except EOFError:
+                proc.join(timeout=5)
+                raise RuntimeError(f"the {name!r} worker died while building its step (exit "
+                                   f"code {proc.exitcode}); its error is printed above") from None
         for _ in range(args.spinners):
-            spinner = ctx.Process(target=_spin, daemon=True)
-            spinner.start()
-            workers[f"spinner {spinner.pid}"] = (spinner, None)
+            spinners.append(ctx.Process(target=_spin, daemon=True))
+            spinners[-1].start()
+        times = {k: [] for k in workers}
         for _ in range(args.rounds):
             for name, (_, conn) in workers.items():
-                if conn is None:
-                    continue
                 time.sleep(0.2)  # let the last worker's threads stop spinning
                 conn.send(args.steps)
                 times[name].append(conn.recv())
     finally:
+        for proc in spinners:
+            proc.kill()
         for proc, conn in workers.values():
             try:
-                conn.send(None) if conn is not None else proc.kill()
-            except OSError:
+                conn.send(None)
+            except OSError:  # the worker is gone already
                 pass
             proc.join(timeout=30)
             if proc.is_alive():
@@ -158,7 +169,8 @@ def main(argv=None) -> int:
             print(json.dumps({"bench": "attention_step", "config": name, "preset": args.preset,
                               "step_ms": med, "ratio_to_pytorch": med / ref,
                               "fastest_ms": best, "fastest_ratio": best / ref_min,
-                              "rounds_ms": [round(x, 1) for x in ts], "spinners": args.spinners, "cpus": cpus,
+                              "rounds_ms": [round(x, 1) for x in ts],
+                              "spinners": args.spinners, "cpus": cpus,
                               "host_malloc": HOST_MALLOC, "isolation": "process"}))
         else:
             print(f"| {name} | {med:.1f} | {med / ref:.2f}x | {best:.1f} | {best / ref_min:.2f}x "
